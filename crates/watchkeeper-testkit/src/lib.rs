@@ -1,0 +1,716 @@
+//! A fake systemd manager for testing a service's lifecycle without systemd.
+//!
+//! [`FakeManager`] binds a real `AF_UNIX` datagram socket (an `@abstract` name by default, or a
+//! path), hands out the environment that points a service at it, and records every datagram the
+//! service sends, with its arrival time, the sender's pid (`SCM_CREDENTIALS`) and any file
+//! descriptors. Barriers (`BARRIER=1` with a pipe) are acknowledged the way systemd does it: the
+//! pipe is closed once every earlier message has been recorded.
+//!
+//! Checks cover what systemd cares about: `READY=1` within a deadline, watchdog pings at half
+//! the timeout, no ping while a loop is stalled, `MONOTONIC_USEC=` with every `RELOADING=1`,
+//! and nothing but status and timeout extensions after `STOPPING=1`.
+//!
+//! Every manager has its own socket, so tests using it run in parallel.
+//!
+//! ```
+//! use std::time::Duration;
+//! use watchkeeper::{Notification, Notifier};
+//! use watchkeeper_testkit::FakeManager;
+//!
+//! let manager = FakeManager::start()?;
+//! // In a real test the service under test builds this from `manager.env()`.
+//! let notifier = Notifier::from_env(&manager.env())?;
+//! notifier.notify(&[Notification::Ready, Notification::status("up")?])?;
+//! let ready = manager.wait_ready(Duration::from_secs(5))?;
+//! assert_eq!(ready.get("STATUS"), Some("up"));
+//! assert_eq!(ready.pid, Some(std::process::id()));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use watchkeeper::env::{NOTIFY_SOCKET, WATCHDOG_PID, WATCHDOG_USEC};
+use watchkeeper::{NotifyAddr, SystemdEnv};
+
+/// Largest datagram accepted, as systemd's `NOTIFY_BUFFER_MAX` (`PIPE_BUF`).
+const BUFFER_MAX: usize = 4096;
+/// Most fds systemd accepts in one message.
+const FDS_MAX: usize = 253;
+
+/// One datagram the service sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Position in the log, from 0.
+    pub seq: usize,
+    /// Arrival, measured from the manager's start.
+    pub at: Duration,
+    /// The sender's pid, from `SCM_CREDENTIALS`.
+    pub pid: Option<u32>,
+    /// The payload as sent (lossy UTF-8).
+    pub payload: String,
+    /// How many file descriptors came with it.
+    pub fds: usize,
+}
+
+impl Record {
+    /// The `KEY=VALUE` assignments, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.payload.split('\n').filter_map(|l| l.split_once('='))
+    }
+
+    /// The value of `key`, if assigned (the last assignment wins, as in systemd).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+            .last()
+    }
+
+    /// Whether `key=value` is among the assignments.
+    pub fn has(&self, key: &str, value: &str) -> bool {
+        self.fields().any(|(k, v)| k == key && v == value)
+    }
+
+    /// A `WATCHDOG=1` ping.
+    pub fn is_ping(&self) -> bool {
+        self.has("WATCHDOG", "1")
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:>8.3}s]", self.at.as_secs_f64())?;
+        match self.pid {
+            Some(p) => write!(f, " pid {p:<7}")?,
+            None => write!(f, " pid ?      ")?,
+        }
+        for (i, line) in self.payload.split('\n').enumerate() {
+            f.write_str(if i == 0 { " " } else { "  " })?;
+            f.write_str(line)?;
+        }
+        if self.fds > 0 {
+            write!(f, "  (+{} fd)", self.fds)?;
+        }
+        Ok(())
+    }
+}
+
+/// A check on the recorded messages failed, or a wait ran out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// Nothing matching arrived in time.
+    #[error("no {what} within {timeout:?}; received:\n{log}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
+        /// Everything recorded so far.
+        log: Log,
+    },
+    /// The recorded messages break a protocol rule.
+    #[error("{rule}: {detail}; received:\n{log}")]
+    Violation {
+        /// The rule.
+        rule: &'static str,
+        /// What broke it.
+        detail: String,
+        /// Everything recorded.
+        log: Log,
+    },
+}
+
+/// A list of records that prints one per line (for error messages).
+#[derive(Debug, Clone, Default)]
+pub struct Log(pub Vec<Record>);
+
+impl fmt::Display for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("  (nothing)");
+        }
+        for r in &self.0 {
+            writeln!(f, "  {r}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: Vec<Record>,
+    paused: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The receiving end of a fake `NOTIFY_SOCKET`. Dropping it stops the receiver thread and, for
+/// a path socket, removes the socket file.
+#[derive(Debug)]
+pub struct FakeManager {
+    addr: NotifyAddr,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    started: Instant,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+impl FakeManager {
+    /// Binds a fresh `@abstract` socket, unique to this process and call.
+    pub fn start() -> io::Result<Self> {
+        let name = format!(
+            "watchkeeper-testkit/{}/{}/{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            watchkeeper::notify::monotonic_usec()
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let sock = UnixDatagram::bind_addr(&addr)?;
+        Self::with_socket(sock, NotifyAddr::Abstract(name.into_bytes()))
+    }
+
+    /// Binds a socket at `path` (the file must not exist).
+    pub fn start_at(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        let sock = UnixDatagram::bind(path)?;
+        Self::with_socket(sock, NotifyAddr::Path(path.to_owned()))
+    }
+
+    fn with_socket(sock: UnixDatagram, addr: NotifyAddr) -> io::Result<Self> {
+        rustix::net::sockopt::set_socket_passcred(&sock, true)?;
+        // Wake up now and then to notice a stop request or a resume.
+        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let started = Instant::now();
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("fake-manager".into())
+                .spawn(move || receive(&sock, &shared, started))?
+        };
+        Ok(FakeManager {
+            addr,
+            shared,
+            thread: Some(thread),
+            started,
+        })
+    }
+
+    /// The socket's address.
+    pub fn addr(&self) -> &NotifyAddr {
+        &self.addr
+    }
+
+    /// The value for `NOTIFY_SOCKET` (`@name` or a path).
+    pub fn notify_socket(&self) -> OsString {
+        match &self.addr {
+            NotifyAddr::Path(p) => p.clone().into_os_string(),
+            other => OsString::from(other.to_string()),
+        }
+    }
+
+    /// An environment with only `NOTIFY_SOCKET` pointing here.
+    pub fn env(&self) -> SystemdEnv {
+        SystemdEnv::default().with_var(NOTIFY_SOCKET, self.notify_socket())
+    }
+
+    /// An environment for a service in *this* process with a watchdog of `timeout`
+    /// (`WATCHDOG_PID` is this process).
+    pub fn env_with_watchdog(&self, timeout: Duration) -> SystemdEnv {
+        self.env()
+            .with_var(WATCHDOG_USEC, timeout.as_micros().to_string())
+            .with_var(WATCHDOG_PID, std::process::id().to_string())
+    }
+
+    /// A command for a child service: every supervision variable of ours removed, then
+    /// `NOTIFY_SOCKET` (and `WATCHDOG_USEC` if given) set. `WATCHDOG_PID` is left unset, since
+    /// the child's pid is not known before it starts; `sd_watchdog_enabled()` then accepts it.
+    pub fn command(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        watchdog: Option<Duration>,
+    ) -> Command {
+        let mut cmd = Command::new(program);
+        SystemdEnv::scrub(&mut cmd);
+        cmd.env(NOTIFY_SOCKET, self.notify_socket());
+        if let Some(t) = watchdog {
+            cmd.env(WATCHDOG_USEC, t.as_micros().to_string());
+        }
+        cmd
+    }
+
+    /// Time since the manager started (the clock of [`Record::at`]).
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Everything received so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.shared.lock().records.clone()
+    }
+
+    /// How many messages were received so far; a cursor for [`FakeManager::wait_for_since`].
+    pub fn len(&self) -> usize {
+        self.shared.lock().records.len()
+    }
+
+    /// Whether nothing was received yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops reading the socket, so that its queue fills up as a busy PID 1's does
+    /// (`net.unix.max_dgram_qlen`).
+    pub fn pause(&self) {
+        self.shared.lock().paused = true;
+    }
+
+    /// Reads the socket again after [`FakeManager::pause`].
+    pub fn resume(&self) {
+        self.shared.lock().paused = false;
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until a message matching `pred` has been received (at any time since start).
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Record) -> bool,
+    ) -> Result<Record, CheckError> {
+        self.wait_for_since(0, what, timeout, pred)
+    }
+
+    /// Waits until a message matching `pred`, with `seq >= since`, has been received.
+    pub fn wait_for_since(
+        &self,
+        since: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Record) -> bool,
+    ) -> Result<Record, CheckError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(r) = state.records.iter().skip(since).find(|r| pred(r)) {
+                return Ok(r.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CheckError::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                    log: Log(state.records.clone()),
+                });
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits for `READY=1`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Record, CheckError> {
+        self.wait_for("READY=1", timeout, |r| r.has("READY", "1"))
+    }
+
+    /// Waits for `STOPPING=1`.
+    pub fn wait_stopping(&self, timeout: Duration) -> Result<Record, CheckError> {
+        self.wait_for("STOPPING=1", timeout, |r| r.has("STOPPING", "1"))
+    }
+
+    /// Waits for a `WATCHDOG=1` received at or after position `since`.
+    pub fn wait_ping_since(&self, since: usize, timeout: Duration) -> Result<Record, CheckError> {
+        self.wait_for_since(since, "WATCHDOG=1", timeout, Record::is_ping)
+    }
+
+    /// Succeeds if no `WATCHDOG=1` arrives, from now, for `window`: what a hung loop must
+    /// look like. Returns the ping that broke the rule otherwise.
+    pub fn expect_no_ping(&self, window: Duration) -> Result<(), CheckError> {
+        let since = self.len();
+        match self.wait_ping_since(since, window) {
+            Err(CheckError::Timeout { .. }) => Ok(()),
+            Err(e) => Err(e),
+            Ok(ping) => Err(self.violation(
+                "no ping while stalled",
+                format!("WATCHDOG=1 at {:.3}s", ping.at.as_secs_f64()),
+            )),
+        }
+    }
+
+    fn violation(&self, rule: &'static str, detail: String) -> CheckError {
+        CheckError::Violation {
+            rule,
+            detail,
+            log: Log(self.records()),
+        }
+    }
+
+    /// Checks that consecutive pings came `timeout / 2` apart, give or take `tolerance`, and that
+    /// there were at least `min_pings` of them.
+    pub fn check_ping_cadence(
+        &self,
+        timeout: Duration,
+        tolerance: Duration,
+        min_pings: usize,
+    ) -> Result<(), CheckError> {
+        let pings: Vec<Record> = self.records().into_iter().filter(Record::is_ping).collect();
+        if pings.len() < min_pings {
+            return Err(self.violation(
+                "ping cadence",
+                format!("{} ping(s), expected at least {min_pings}", pings.len()),
+            ));
+        }
+        let half = timeout / 2;
+        for w in pings.windows(2) {
+            let gap = w[1].at.saturating_sub(w[0].at);
+            if gap + tolerance < half || gap > half + tolerance {
+                return Err(self.violation(
+                    "ping cadence",
+                    format!(
+                        "pings #{} and #{} were {gap:?} apart, expected {half:?} ± {tolerance:?}",
+                        w[0].seq, w[1].seq
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the protocol's order over everything received:
+    ///
+    /// * every `RELOADING=1` carries `MONOTONIC_USEC=`;
+    /// * `READY=1` never comes twice without a `RELOADING=1` between;
+    /// * `RELOADING=1` only after `READY=1`;
+    /// * after `STOPPING=1`, only `STATUS=`, `EXTEND_TIMEOUT_USEC=`, `ERRNO=`, `BUSERROR=` and
+    ///   `X_…` assignments (no ping, no `READY=1`, no second `STOPPING=1`).
+    pub fn check_protocol(&self) -> Result<(), CheckError> {
+        let mut ready = false;
+        let mut stopping_at: Option<usize> = None;
+        for r in self.records() {
+            if let Some(at) = stopping_at {
+                if let Some((k, v)) = r.fields().find(|(k, _)| {
+                    !matches!(*k, "STATUS" | "EXTEND_TIMEOUT_USEC" | "ERRNO" | "BUSERROR")
+                        && !k.starts_with("X_")
+                }) {
+                    return Err(self.violation(
+                        "STOPPING=1 is final",
+                        format!("#{} sent {k}={v} after STOPPING=1 (#{at})", r.seq),
+                    ));
+                }
+                continue;
+            }
+            if r.has("RELOADING", "1") {
+                if r.get("MONOTONIC_USEC")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_none()
+                {
+                    return Err(self.violation(
+                        "RELOADING=1 carries MONOTONIC_USEC=",
+                        format!("#{} has none", r.seq),
+                    ));
+                }
+                if !ready {
+                    return Err(self.violation(
+                        "RELOADING=1 only when ready",
+                        format!("#{} came before READY=1", r.seq),
+                    ));
+                }
+                ready = false;
+            }
+            if r.has("READY", "1") {
+                if ready {
+                    return Err(self.violation(
+                        "READY=1 once per start or reload",
+                        format!("#{} is a second READY=1", r.seq),
+                    ));
+                }
+                ready = true;
+            }
+            if r.has("STOPPING", "1") {
+                stopping_at = Some(r.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `STOPPING=1` was received and that the protocol held ([`check_protocol`]).
+    ///
+    /// [`check_protocol`]: FakeManager::check_protocol
+    pub fn check_stopped_cleanly(&self) -> Result<(), CheckError> {
+        if !self.records().iter().any(|r| r.has("STOPPING", "1")) {
+            return Err(self.violation("STOPPING=1 sent", "never received".into()));
+        }
+        self.check_protocol()
+    }
+}
+
+impl Drop for FakeManager {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.resume();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let NotifyAddr::Path(p) = &self.addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
+    let mut buf = vec![0u8; BUFFER_MAX + 1];
+    let mut space = vec![
+        MaybeUninit::<u8>::uninit();
+        rustix::cmsg_space!(ScmRights(FDS_MAX), ScmCredentials(1))
+    ];
+    while !shared.stop.load(Ordering::Relaxed) {
+        {
+            let mut state = shared.lock();
+            while state.paused && !shared.stop.load(Ordering::Relaxed) {
+                state = shared
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(20))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let msg = match rustix::net::recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
+        };
+        let at = started.elapsed();
+        let mut pid = None;
+        let mut fds = Vec::new();
+        for m in cmsg.drain() {
+            match m {
+                RecvAncillaryMessage::ScmCredentials(c) => {
+                    pid = Some(c.pid.as_raw_nonzero().get() as u32)
+                }
+                RecvAncillaryMessage::ScmRights(r) => fds.extend(r),
+                _ => {}
+            }
+        }
+        let len = msg.bytes.min(BUFFER_MAX);
+        let payload = String::from_utf8_lossy(&buf[..len])
+            .trim_end_matches('\n')
+            .to_owned();
+        let mut state = shared.lock();
+        let seq = state.records.len();
+        state.records.push(Record {
+            seq,
+            at,
+            pid,
+            payload,
+            fds: fds.len(),
+        });
+        drop(state);
+        // Every earlier message is recorded: closing the fds acknowledges a BARRIER=1.
+        drop(fds);
+        shared.changed.notify_all();
+    }
+}
+
+/// The path of an example binary built by cargo next to the running test binary
+/// (`target/<profile>/examples/<name>`), for tests that run examples as child processes.
+/// `cargo test` builds the examples of a package before running its tests.
+pub fn example_path(name: &str) -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| io::Error::other("cannot locate the target directory"))?;
+    let path = profile_dir.join("examples").join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "example {} not built (run `cargo build --examples` or `cargo test`)",
+                path.display()
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watchkeeper::{Notification, Notifier};
+
+    #[test]
+    fn records_fields_pid_and_order() {
+        let m = FakeManager::start().unwrap();
+        let n = Notifier::from_env(&m.env()).unwrap();
+        n.notify(&[Notification::status("one").unwrap()]).unwrap();
+        n.notify(&[Notification::Ready, Notification::status("two").unwrap()])
+            .unwrap();
+        let r = m.wait_ready(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.seq, 1);
+        assert_eq!(r.get("STATUS"), Some("two"));
+        assert_eq!(r.pid, Some(std::process::id()));
+        assert_eq!(m.records()[0].payload, "STATUS=one");
+    }
+
+    #[test]
+    fn path_socket_works_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        {
+            let m = FakeManager::start_at(&path).unwrap();
+            let n = Notifier::from_env(&m.env()).unwrap();
+            n.notify(&[Notification::Ready]).unwrap();
+            m.wait_ready(Duration::from_secs(5)).unwrap();
+        }
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn barrier_is_acknowledged_after_earlier_messages() {
+        let m = FakeManager::start().unwrap();
+        let n = Notifier::from_env(&m.env()).unwrap();
+        n.notify(&[Notification::status("before").unwrap()])
+            .unwrap();
+        n.barrier(Duration::from_secs(5)).unwrap();
+        let recs = m.records();
+        assert_eq!(recs[0].payload, "STATUS=before");
+        assert_eq!(recs[1].payload, "BARRIER=1");
+        assert_eq!(recs[1].fds, 1);
+    }
+
+    #[test]
+    fn wait_times_out_with_the_log() {
+        let m = FakeManager::start().unwrap();
+        let n = Notifier::from_env(&m.env()).unwrap();
+        n.notify(&[Notification::status("only").unwrap()]).unwrap();
+        m.wait_for("STATUS", Duration::from_secs(5), |r| {
+            r.get("STATUS").is_some()
+        })
+        .unwrap();
+        let e = m.wait_ready(Duration::from_millis(30)).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("no READY=1"), "{text}");
+        assert!(text.contains("STATUS=only"), "{text}");
+    }
+
+    fn fed(payloads: &[&str]) -> FakeManager {
+        let m = FakeManager::start().unwrap();
+        let n = Notifier::from_env(&m.env()).unwrap();
+        for p in payloads {
+            n.send_payload(p.as_bytes(), &[]).unwrap();
+        }
+        let last = payloads.len() - 1;
+        m.wait_for("all", Duration::from_secs(5), |r| r.seq == last)
+            .unwrap();
+        m
+    }
+
+    #[test]
+    fn protocol_checks_catch_violations() {
+        fed(&[
+            "READY=1",
+            "RELOADING=1\nMONOTONIC_USEC=5",
+            "READY=1",
+            "STOPPING=1",
+            "STATUS=bye",
+            "EXTEND_TIMEOUT_USEC=1",
+        ])
+        .check_stopped_cleanly()
+        .unwrap();
+        let cases: [(&[&str], &str); 5] = [
+            (&["READY=1", "RELOADING=1", "READY=1"], "MONOTONIC_USEC"),
+            (&["RELOADING=1\nMONOTONIC_USEC=5"], "only when ready"),
+            (&["READY=1", "READY=1"], "once per start"),
+            (&["READY=1", "STOPPING=1", "WATCHDOG=1"], "final"),
+            (&["READY=1", "STOPPING=1", "STOPPING=1"], "final"),
+        ];
+        for (payloads, rule) in cases {
+            let e = fed(payloads).check_protocol().unwrap_err();
+            assert!(e.to_string().contains(rule), "{payloads:?}: {e}");
+        }
+        let e = fed(&["READY=1"]).check_stopped_cleanly().unwrap_err();
+        assert!(e.to_string().contains("never received"), "{e}");
+    }
+
+    #[test]
+    fn cadence_check_uses_arrival_times() {
+        let m = fed(&["WATCHDOG=1", "WATCHDOG=1"]);
+        // Two pings sent back to back are far closer than 1 s apart.
+        let e = m
+            .check_ping_cadence(Duration::from_secs(2), Duration::from_millis(100), 2)
+            .unwrap_err();
+        assert!(e.to_string().contains("apart"), "{e}");
+        let e = m
+            .check_ping_cadence(Duration::from_secs(2), Duration::from_secs(2), 3)
+            .unwrap_err();
+        assert!(e.to_string().contains("2 ping(s)"), "{e}");
+        m.check_ping_cadence(Duration::from_secs(2), Duration::from_secs(2), 2)
+            .unwrap();
+    }
+
+    #[test]
+    fn paused_manager_fills_its_queue() {
+        let m = FakeManager::start().unwrap();
+        // The receiver takes at most one more datagram after this, then stops reading.
+        m.pause();
+        let n = Notifier::from_env(&m.env()).unwrap();
+        let mut full = None;
+        for i in 0..1000 {
+            if let Err(e) = n.notify(&[Notification::Watchdog]) {
+                full = Some((i, e));
+                break;
+            }
+        }
+        let (sent, e) = full.expect("queue never filled");
+        assert!(
+            matches!(e, watchkeeper::NotifyError::QueueFull { .. }),
+            "{e}"
+        );
+        m.resume();
+        m.wait_for("all queued", Duration::from_secs(5), |r| r.seq + 1 == sent)
+            .unwrap();
+        assert_eq!(m.len(), sent);
+    }
+}

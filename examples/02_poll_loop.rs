@@ -1,0 +1,104 @@
+//! # Scenario: a poll loop whose progress feeds the watchdog
+//!
+//! A worker polls for work every `--interval-ms` (default 200). Each completed cycle ticks the
+//! loop's [`Progress`](watchkeeper::Progress) handle and rewrites the heartbeat file
+//! (`--heartbeat PATH`). The watchdog keeper pings systemd at half `WATCHDOG_USEC` only while the
+//! loop makes progress.
+//!
+//! `--hang-after N` simulates a hung loop: after N cycles the loop stops (it waits forever, as a
+//! deadlocked call would). The pings stop, the heartbeat goes stale, `STATUS=` names the loop,
+//! and the manager's watchdog kills the service.
+//!
+//! ```text
+//! cargo build --examples
+//! wk-fake-manager --watchdog-sec 2 -- target/debug/examples/02_poll_loop --hang-after 15
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use watchkeeper::heartbeat::{HealthStatus, Heartbeat, HeartbeatWriter};
+use watchkeeper::logging::{self, LogConfig};
+use watchkeeper::{Service, SystemdEnv};
+
+#[derive(Debug, Default)]
+struct Args {
+    hang_after: Option<u64>,
+    heartbeat: Option<PathBuf>,
+    interval: Option<Duration>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--hang-after" => args.hang_after = Some(value()?.parse().context("--hang-after")?),
+            "--heartbeat" => args.heartbeat = Some(value()?.into()),
+            "--interval-ms" => {
+                args.interval = Some(Duration::from_millis(
+                    value()?.parse().context("--interval-ms")?,
+                ))
+            }
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let env = SystemdEnv::from_env();
+    logging::init(&LogConfig::from_rust_log("poll-loop"), &env)?;
+    let service = Service::builder("poll-loop").env(env.clone()).build()?;
+
+    let mut writer = args.heartbeat.map(HeartbeatWriter::open).transpose()?;
+    let mut heartbeat = Heartbeat::new("poll-loop", &env);
+    let progress = service.register_loop("poll");
+    let stop = service.shutdown_token();
+    let lifecycle = service.lifecycle();
+    let mut interval = tokio::time::interval(args.interval.unwrap_or(Duration::from_millis(200)));
+    let hang_after = args.hang_after;
+
+    service.spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            if Some(heartbeat.cycle_count) == hang_after {
+                tracing::warn!(cycles = heartbeat.cycle_count, "simulating a hung loop");
+                std::future::pending::<()>().await;
+            }
+            // One unit of (simulated) work.
+            heartbeat.cycle_count += 1;
+            heartbeat.jobs_completed += 1;
+            heartbeat.health_status = HealthStatus::Ok;
+            heartbeat.touch();
+            if let Some(w) = writer.as_mut()
+                && let Err(e) = tokio::task::block_in_place(|| w.write(&heartbeat))
+            {
+                tracing::warn!(error = %e, "heartbeat not written");
+            }
+            progress.tick();
+            if heartbeat.cycle_count % 10 == 0 {
+                let _ = lifecycle
+                    .status(&format!("polling; {} cycles", heartbeat.cycle_count))
+                    .await;
+            }
+        }
+        heartbeat.health_status = HealthStatus::Stopping;
+        heartbeat.touch();
+        if let Some(w) = writer.as_mut() {
+            let _ = tokio::task::block_in_place(|| w.write(&heartbeat));
+        }
+    });
+
+    service.lifecycle().ready_with_status("polling").await?;
+    let report = service.run(watchkeeper::service::no_reload).await?;
+    tracing::info!(?report, "stopped");
+    Ok(())
+}
