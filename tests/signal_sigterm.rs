@@ -1,0 +1,51 @@
+//! SIGTERM → STOPPING=1, EXTEND_TIMEOUT_USEC= while the in-flight jobs finish, exit 0.
+
+mod common;
+
+use common::{DEADLINE, Service};
+use rustix::process::Signal;
+use watchkeeper_testkit::FakeManager;
+
+#[test]
+fn sigterm_stops_gracefully_within_the_bound() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::start(
+        &manager,
+        "04_graceful_stop",
+        &[
+            "--jobs",
+            "2",
+            "--job-ms",
+            "300",
+            "--stop-timeout-ms",
+            "10000",
+        ],
+        None,
+        &[],
+    );
+    let ready = manager.wait_ready(DEADLINE).unwrap();
+    assert_eq!(ready.get("STATUS"), Some("2 workers busy"));
+    assert_eq!(ready.pid, Some(service.pid));
+
+    service.signal(Signal::TERM);
+    let (status, stderr) = service.wait();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(stderr.contains("stopped gracefully"), "{stderr}");
+    assert_eq!(
+        stderr.matches("done").count(),
+        2,
+        "both jobs finished: {stderr}"
+    );
+
+    let records = manager.records();
+    let stopping = records.iter().position(|r| r.has("STOPPING", "1")).unwrap();
+    let extend: Vec<u64> = records[stopping..]
+        .iter()
+        .filter_map(|r| r.get("EXTEND_TIMEOUT_USEC"))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(!extend.is_empty(), "no EXTEND_TIMEOUT_USEC while stopping");
+    // Our bound (10 s) plus the 1 s margin, at most.
+    assert!(extend.iter().all(|&u| u <= 11_000_000), "{extend:?}");
+    manager.check_stopped_cleanly().unwrap();
+}
