@@ -198,7 +198,7 @@ impl Control {
     }
 
     async fn shutdown(&self, why: &str) {
-        if self.shutdown.is_cancelled() {
+        if self.lifecycle.state() == State::Stopping {
             tracing::info!("{why} while already stopping; the stop continues within its bound");
             return;
         }
@@ -321,6 +321,13 @@ impl Service {
         self.tracker.spawn(task)
     }
 
+    /// The tracker behind [`Service::spawn`], to clone into tasks that spawn tasks of their own
+    /// (an accept loop spawning one task per connection): whatever is spawned on it, the graceful
+    /// stop waits for.
+    pub fn task_tracker(&self) -> TaskTracker {
+        self.tracker.clone()
+    }
+
     /// Runs a blocking closure on tokio's blocking pool; the graceful stop waits for it too.
     pub fn spawn_blocking<F, T>(&self, f: F) -> JoinHandle<T>
     where
@@ -381,7 +388,10 @@ impl Service {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "reload failed; keeping the previous configuration");
-                            lc.ready_with_status(&format!("reload failed: {e}")).await
+                            // STATUS= is one line: an error that spans several must not cost
+                            // the READY=1 that ends the reload.
+                            let one_line = e.replace(['\n', '\0'], " ");
+                            lc.ready_with_status(&format!("reload failed: {one_line}")).await
                         }
                     };
                     if let Err(e) = sent {

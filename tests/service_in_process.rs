@@ -1,0 +1,85 @@
+//! The Service without signals, driven through its request methods: reloads (including one that
+//! fails with a multi-line error) and a stop that waits for nested tasks. The runtime has worker
+//! threads of its own, since the fake manager's waits block the test's thread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use watchkeeper::{Service, State};
+use watchkeeper_testkit::FakeManager;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    service.lifecycle().ready().await.unwrap();
+    let lifecycle = service.lifecycle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    service.request_reload().await;
+    let stop = service.shutdown_token();
+    let counted = calls.clone();
+    let run = tokio::spawn(service.run(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                0 => Err("config.toml:3:1: expected `=`\n  |\n3 | oops".to_string()),
+                _ => Ok(()),
+            }
+        }
+    }));
+    let ready = manager
+        .wait_for_since(1, "READY=1 after the reload", WAIT, |r| r.has("READY", "1"))
+        .unwrap();
+    assert_eq!(
+        ready.get("STATUS"),
+        Some("reload failed: config.toml:3:1: expected `=`   | 3 | oops")
+    );
+    assert_eq!(lifecycle.state(), State::Ready);
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    manager.check_stopped_cleanly().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_for_tasks_spawned_on_the_tracker_by_other_tasks() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    let tracker = service.task_tracker();
+    let stop = service.shutdown_token();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let done = finished.clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    service.spawn(async move {
+        // An "accept loop" that hands a "connection" to a task of its own.
+        let stop2 = stop.clone();
+        tracker.spawn(async move {
+            let _ = started_tx.send(());
+            stop2.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+        stop.cancelled().await;
+    });
+    service.lifecycle().ready().await.unwrap();
+    started_rx.await.unwrap();
+    service.request_shutdown().await;
+    service.run(watchkeeper::service::no_reload).await.unwrap();
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the nested task was waited for"
+    );
+    manager.check_stopped_cleanly().unwrap();
+}
