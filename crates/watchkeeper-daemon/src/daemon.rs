@@ -1,0 +1,382 @@
+//! [`run`]: the daemon's start, its background tasks, reload and stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use watchkeeper::activation::{self, ListenFds};
+use watchkeeper::logging::{self, LogConfig};
+use watchkeeper::{Lifecycle, Progress, Service, State, SystemdEnv};
+use watchkeeper_jobs::Stats;
+
+use crate::config::Config;
+use crate::listener::{self, SocketFile};
+use crate::server::{self, Broker};
+use crate::store::{SharedStore, Store, StoreError, now_ms};
+use crate::{DaemonError, Options, error_chain};
+
+/// The service's name: logs (`SYSLOG_IDENTIFIER=`) and the library's `Service`.
+pub const NAME: &str = "watchkeeper-daemon";
+
+/// How often the maintenance task sweeps expired leases and counts the jobs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `STATUS=` text for `stats`, e.g. `queued 3, claimed 1, completed 10, failed 0, denied 1,
+/// quarantined 0`, with `note` (a failed reload) appended after `; `.
+pub fn status_line(stats: &Stats, note: Option<&str>) -> String {
+    let Stats {
+        queued,
+        claimed,
+        completed,
+        failed,
+        denied,
+        quarantined,
+    } = stats;
+    let mut line = format!(
+        "queued {queued}, claimed {claimed}, completed {completed}, failed {failed}, denied {denied}, quarantined {quarantined}"
+    );
+    if let Some(note) = note {
+        line.push_str("; ");
+        line.push_str(note);
+    }
+    line
+}
+
+/// What start-up produced.
+struct Started {
+    listener: UnixListener,
+    /// The bound socket file, removed at exit; `None` when socket-activated.
+    socket_file: Option<SocketFile>,
+    listening_on: String,
+    store: SharedStore,
+    config: Config,
+    stats: Stats,
+}
+
+/// Runs the daemon until `SIGTERM` (or `SIGINT`) and a graceful stop.
+///
+/// Takes the socket-activation fds first, then sets up logging and the [`Service`], opens the
+/// store (sweeping leases that expired while it was down) and the socket, and sends `READY=1`
+/// with the queue counts. Returns once every connection has finished its last request.
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let env = SystemdEnv::from_env();
+    // SAFETY: this is the first thing the daemon does. Before it, `main` only parsed the
+    // arguments and started the tokio runtime, which opens fds of its own but never uses or
+    // closes inherited ones; nothing else in the process owns fds 3..3+LISTEN_FDS.
+    let mut fds = unsafe { activation::take(&env) }.map_err(DaemonError::Activation)?;
+    logging::init(&LogConfig::from_rust_log(NAME), &env).map_err(DaemonError::Logging)?;
+    let service = Service::builder(NAME)
+        .env(env)
+        .build()
+        .map_err(DaemonError::Service)?;
+    let lifecycle = service.lifecycle();
+
+    let started = match start(&opts, &mut fds).await {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = lifecycle
+                .status(&format!("failed to start: {}", error_chain(&e)))
+                .await;
+            return Err(e);
+        }
+    };
+    drop(fds);
+    let Started {
+        listener,
+        socket_file,
+        listening_on,
+        store,
+        config,
+        stats,
+    } = started;
+
+    let stop = service.shutdown_token();
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    let (counts_tx, counts_rx) = watch::channel(stats.clone());
+    let (note_tx, note_rx) = watch::channel(None::<String>);
+
+    let broker = Arc::new(Broker::new(
+        store.clone(),
+        config_rx.clone(),
+        opts.allow_uids.clone(),
+    ));
+    service.spawn(server::accept_loop(
+        listener,
+        broker,
+        stop.clone(),
+        service.register_loop("accept"),
+    ));
+    service.spawn(maintain(
+        store,
+        config_rx.clone(),
+        counts_tx,
+        stop.clone(),
+        service.register_loop("store"),
+    ));
+    service.spawn(report_status(
+        lifecycle.clone(),
+        counts_rx.clone(),
+        note_rx,
+        config_rx,
+        stop,
+    ));
+
+    lifecycle
+        .ready_with_status(&status_line(&stats, None))
+        .await
+        .map_err(DaemonError::Ready)?;
+    tracing::info!(
+        socket = %listening_on,
+        lease_secs = config.lease_secs,
+        max_attempts = config.max_attempts,
+        allowed_uids = ?config.allowed_uids,
+        extra_allowed_uids = ?opts.allow_uids,
+        status_interval_secs = config.status_interval_secs,
+        "ready; {}",
+        status_line(&stats, None)
+    );
+
+    let reloader = Reloader {
+        path: opts.config.clone(),
+        config: Arc::new(config_tx),
+        note: Arc::new(note_tx),
+        counts: counts_rx,
+        lifecycle,
+    };
+    let result = service.run(|| reloader.clone().reload()).await;
+    drop(socket_file);
+    match result {
+        Ok(report) => {
+            tracing::info!(drained_in = ?report.drained_in, "stopped");
+            Ok(())
+        }
+        Err(e) => Err(DaemonError::Service(e)),
+    }
+}
+
+/// Opens the store and the socket.
+async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonError> {
+    let config = match &opts.config {
+        Some(path) => Config::load(path).map_err(DaemonError::Config)?,
+        None => Config::default(),
+    };
+    let state_dir = opts.state_dir()?;
+    let socket_path = if fds.is_empty() {
+        Some(opts.socket_path()?)
+    } else {
+        None
+    };
+    let group = match (&opts.socket_group, &socket_path) {
+        (Some(name), Some(_)) => {
+            Some(listener::resolve_group(name).map_err(DaemonError::Listener)?)
+        }
+        _ => None,
+    };
+
+    let max_attempts = config.max_attempts;
+    let (store, stats) = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open_in(&state_dir)?;
+        let expired = store.sweep(max_attempts, now_ms())?;
+        let stats = store.stats()?;
+        tracing::info!(
+            path = %store.path().display(),
+            expired_leases = expired.len(),
+            "job store open"
+        );
+        Ok::<_, StoreError>((store, stats))
+    })
+    .await
+    .map_err(|source| StoreError::Task {
+        op: "open the store".into(),
+        source,
+    })
+    .and_then(|opened| opened)
+    .map_err(DaemonError::Store)?;
+
+    let (listener, socket_file, listening_on) = match socket_path {
+        None => {
+            let listener = listener::from_activation(fds)
+                .map_err(DaemonError::Listener)?
+                .ok_or(DaemonError::NoSocketPath)?;
+            if !fds.is_empty() {
+                tracing::warn!(names = ?fds.names().collect::<Vec<_>>(), "closing the other passed fds");
+            }
+            if opts.socket.is_some() || opts.socket_group.is_some() {
+                tracing::info!(
+                    "socket-activated: --socket and --socket-group are ignored (the .socket unit sets them)"
+                );
+            }
+            (listener, None, "the socket-activated fd".to_owned())
+        }
+        Some(path) => {
+            let (listener, file) = listener::bind(&path, group).map_err(DaemonError::Listener)?;
+            (listener, Some(file), path.display().to_string())
+        }
+    };
+    Ok(Started {
+        listener,
+        socket_file,
+        listening_on,
+        store: SharedStore::new(store),
+        config,
+        stats,
+    })
+}
+
+/// Every [`MAINTENANCE_INTERVAL`]: sweeps expired leases and counts the jobs through the store,
+/// and ticks `progress` only when that returned, so a wedged database withholds the pings.
+async fn maintain(
+    store: SharedStore,
+    config: watch::Receiver<Config>,
+    counts: watch::Sender<Stats>,
+    stop: CancellationToken,
+    progress: Progress,
+) {
+    let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let max_attempts = config.borrow().max_attempts;
+        let call = store.call("maintenance", move |s| {
+            s.sweep(max_attempts, now_ms())?;
+            s.stats()
+        });
+        let result = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            result = call => result,
+        };
+        match result {
+            Ok(stats) => {
+                progress.tick();
+                if failing {
+                    tracing::info!("the job store answers again");
+                    failing = false;
+                }
+                counts.send_if_modified(|c| {
+                    let changed = *c != stats;
+                    *c = stats;
+                    changed
+                });
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!("job store maintenance failed: {}", error_chain(&e));
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Every `status_interval_secs`: `STATUS=` with the counts, if they changed.
+async fn report_status(
+    lifecycle: Lifecycle,
+    counts: watch::Receiver<Stats>,
+    note: watch::Receiver<Option<String>>,
+    config: watch::Receiver<Config>,
+    stop: CancellationToken,
+) {
+    loop {
+        let period = config.borrow().status_interval();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(period) => {}
+        }
+        let line = status_line(&counts.borrow(), note.borrow().as_deref());
+        if lifecycle.state() == State::Stopping
+            || lifecycle.last_status().as_deref() == Some(line.as_str())
+        {
+            continue;
+        }
+        if let Err(e) = lifecycle.status(&line).await {
+            tracing::debug!(error = %e, "STATUS= not sent");
+        }
+    }
+}
+
+/// The `SIGHUP` handler's state.
+#[derive(Clone)]
+struct Reloader {
+    path: Option<PathBuf>,
+    config: Arc<watch::Sender<Config>>,
+    note: Arc<watch::Sender<Option<String>>>,
+    counts: watch::Receiver<Stats>,
+    lifecycle: Lifecycle,
+}
+
+impl Reloader {
+    /// Re-reads the configuration. An error keeps the old one; its one-line message is what
+    /// the library puts in `STATUS=` ("reload failed: …").
+    async fn reload(self) -> Result<(), String> {
+        let Some(path) = self.path else {
+            tracing::info!("SIGHUP without --config: nothing to re-read");
+            return Ok(());
+        };
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("the reload task did not finish: {e}"))?;
+        let new = match loaded {
+            Ok(new) => new,
+            Err(e) => {
+                let message = error_chain(&e);
+                self.note
+                    .send_replace(Some(format!("reload failed: {message}")));
+                return Err(message);
+            }
+        };
+        tracing::info!(
+            lease_secs = new.lease_secs,
+            max_attempts = new.max_attempts,
+            allowed_uids = ?new.allowed_uids,
+            status_interval_secs = new.status_interval_secs,
+            "configuration reloaded"
+        );
+        self.config.send_replace(new);
+        self.note.send_replace(None);
+        let line = status_line(&self.counts.borrow(), None);
+        if let Err(e) = self.lifecycle.status(&line).await {
+            tracing::debug!(error = %e, "STATUS= not sent");
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_lists_every_state_and_the_note() {
+        let stats = Stats {
+            queued: 3,
+            claimed: 1,
+            completed: 10,
+            failed: 0,
+            denied: 1,
+            quarantined: 0,
+        };
+        assert_eq!(
+            status_line(&stats, None),
+            "queued 3, claimed 1, completed 10, failed 0, denied 1, quarantined 0"
+        );
+        assert!(status_line(&stats, Some("reload failed: x")).ends_with("0; reload failed: x"));
+    }
+}

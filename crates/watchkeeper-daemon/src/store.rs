@@ -1,0 +1,1225 @@
+//! The durable job store: one SQLite file, [`FILE_NAME`], in the daemon's state directory.
+//!
+//! Every function is synchronous and takes the time (`now_ms`, milliseconds since the Unix
+//! epoch) as an argument, so that lease expiry can be tested with an injected clock. The daemon
+//! runs them on tokio's blocking pool through [`SharedStore`].
+//!
+//! # Durability
+//!
+//! The database is opened with `journal_mode=WAL` and `synchronous=FULL`: a commit returns only
+//! once its WAL frames are on disk. Every mutating function commits before it returns, and the
+//! daemon answers a request only after that, so an acknowledged change survives `kill -9` (and
+//! a power cut, as far as the disk honours `fsync`).
+//!
+//! # Job states
+//!
+//! ```text
+//!            submit              claim (attempts+1, lease)
+//!   ───────────────▶ queued ─────────────────────────────▶ claimed
+//!                      ▲  ◀──── release (attempts-1) ────── │ │ │
+//!                      └─────── lease expired, ──────────── ┘ │ │ complete / deny / quarantine
+//!                               attempts < max_attempts       │ └──▶ completed | failed | denied | quarantined
+//!                                                             └────▶ quarantined (lease expired
+//!                                                                    max_attempts times: poison)
+//! ```
+//!
+//! A claim's lease runs out at `lease_until_ms`. Expired leases are swept (the job queued again,
+//! or quarantined once it has used `max_attempts` attempts) at the start of every claim and by
+//! the daemon's maintenance task, about every 500 ms. A worker's report on a job whose lease has
+//! run out is refused, even before the sweep: the job is no longer the worker's.
+//!
+//! Times are wall-clock milliseconds, because leases must survive a restart; a clock step moves
+//! every deadline with it.
+
+use std::fmt;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
+use watchkeeper_jobs::{ClaimedJob, MAX_LINE, Response, Stats};
+
+/// The database file's name inside the state directory.
+pub const FILE_NAME: &str = "jobs.sqlite3";
+
+/// The schema version this daemon writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for a lock held by another connection (`PRAGMA busy_timeout`).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest worker name accepted by [`Store::claim`], in bytes.
+pub const MAX_WORKER_NAME: usize = 256;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE jobs (
+    id             INTEGER PRIMARY KEY,
+    spec           TEXT    NOT NULL,
+    state          TEXT    NOT NULL CHECK (state IN
+                       ('queued', 'claimed', 'completed', 'failed', 'denied', 'quarantined')),
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    worker         TEXT,
+    lease_until_ms INTEGER,
+    created_ms     INTEGER NOT NULL,
+    updated_ms     INTEGER NOT NULL,
+    reason         TEXT,
+    exit_code      INTEGER
+);
+CREATE INDEX jobs_by_state ON jobs (state, id);
+CREATE INDEX jobs_by_lease ON jobs (lease_until_ms) WHERE state = 'claimed';
+";
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// Waiting to be claimed.
+    Queued,
+    /// Held by a worker under a lease.
+    Claimed,
+    /// Ran and exited 0.
+    Completed,
+    /// Ran and failed: non-zero exit, killed or timed out.
+    Failed,
+    /// Refused by a worker's allowlist.
+    Denied,
+    /// Malformed, or its lease expired `max_attempts` times (poison).
+    Quarantined,
+}
+
+impl JobState {
+    /// Every state, in the order of [`Stats`].
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Claimed,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Denied,
+        JobState::Quarantined,
+    ];
+
+    /// The name stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Claimed => "claimed",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Denied => "denied",
+            JobState::Quarantined => "quarantined",
+        }
+    }
+
+    /// The state stored as `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The lease rules a claim and a sweep follow (from the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// A claim's (and a renewal's) lease, in seconds.
+    pub lease_secs: u64,
+    /// A job whose lease expires with this many attempts used is quarantined as poison.
+    pub max_attempts: u32,
+}
+
+/// A claim whose lease ran out, as found by a sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// The job.
+    pub id: u64,
+    /// The worker that held it.
+    pub worker: Option<String>,
+    /// Attempts used so far.
+    pub attempts: u32,
+    /// Whether it was quarantined (poison) rather than queued again.
+    pub quarantined: bool,
+}
+
+/// One row of the `jobs` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: u64,
+    /// The job as submitted, JSON text.
+    pub spec: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Claims that were not given back with `release`.
+    pub attempts: u32,
+    /// The worker holding it (claimed) or that last held it.
+    pub worker: Option<String>,
+    /// End of the current lease, while claimed.
+    pub lease_until_ms: Option<i64>,
+    /// When it was submitted.
+    pub created_ms: i64,
+    /// When it last changed.
+    pub updated_ms: i64,
+    /// Why it is where it is (failure, denial, quarantine, expiry, release).
+    pub reason: Option<String>,
+    /// The exit code a worker reported.
+    pub exit_code: Option<i32>,
+}
+
+/// A store operation failed or was refused. Nothing changed in either case.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file could not be created with mode 0600.
+    #[error("cannot create the job store {path}")]
+    CreateFile {
+        /// The database file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused to open the file.
+    #[error("cannot open the job store {path}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// WAL mode could not be enabled (e.g. a file system without shared memory support).
+    #[error("{path}: journal_mode is {mode:?} after asking for WAL")]
+    NotWal {
+        /// The database file.
+        path: PathBuf,
+        /// The mode SQLite reports.
+        mode: String,
+    },
+    /// The file was written by a newer (or unknown) schema.
+    #[error(
+        "{path} has schema version {found} (PRAGMA user_version); this daemon knows versions 0 to {supported}, so it leaves the file alone"
+    )]
+    UnknownSchema {
+        /// The database file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+        /// [`SCHEMA_VERSION`].
+        supported: i64,
+    },
+    /// A statement failed.
+    #[error("{path}: {op} failed")]
+    Sql {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done, with the request's details (job id, worker).
+        op: String,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// No job has this id.
+    #[error("no job {id}")]
+    NoSuchJob {
+        /// The id asked for.
+        id: u64,
+    },
+    /// The job is not (or no longer) held by this worker.
+    #[error("job {id} is not claimed by {worker}: {why}")]
+    NotClaimed {
+        /// The job.
+        id: u64,
+        /// The worker that asked.
+        worker: String,
+        /// Where the job is instead.
+        why: String,
+    },
+    /// A job spec too large to be handed out again in a claim response.
+    #[error(
+        "job spec is {len} bytes of JSON; at most {max} fit in a claim response line (MAX_LINE {MAX_LINE})"
+    )]
+    SpecTooLarge {
+        /// The spec's length.
+        len: usize,
+        /// [`max_spec_len`].
+        max: usize,
+    },
+    /// A worker name that is empty or longer than [`MAX_WORKER_NAME`].
+    #[error("worker name must be 1 to {MAX_WORKER_NAME} bytes, not {len}")]
+    InvalidWorker {
+        /// The name's length.
+        len: usize,
+    },
+    /// The blocking task running a store call did not finish (it panicked or was cancelled).
+    #[error("store task for {op} did not finish")]
+    Task {
+        /// The call.
+        op: String,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl StoreError {
+    /// Whether the request was refused for what it asked (wrong worker, unknown job, too large),
+    /// as opposed to the store failing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NoSuchJob { .. }
+                | StoreError::NotClaimed { .. }
+                | StoreError::SpecTooLarge { .. }
+                | StoreError::InvalidWorker { .. }
+        )
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the daemon's clock for [`Store`] calls.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The longest spec (serialized JSON) whose claim response still fits in [`MAX_LINE`], with the
+/// largest id, attempt and lease the response can carry.
+pub fn max_spec_len() -> usize {
+    let widest = Response::Job {
+        job: Some(ClaimedJob {
+            id: u64::MAX,
+            spec: serde_json::Value::Null,
+            attempt: u32::MAX,
+            lease_secs: u64::MAX,
+        }),
+    };
+    let overhead = serde_json::to_string(&widest)
+        .map(|s| s.len() - "null".len())
+        .unwrap_or(256);
+    MAX_LINE.saturating_sub(overhead)
+}
+
+fn sql_err(path: &Path, op: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let path = path.to_owned();
+    let op = op.into();
+    move |source| StoreError::Sql { path, op, source }
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+fn lease_end(now_ms: i64, lease_secs: u64) -> i64 {
+    let ms = i64::try_from(lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    now_ms.saturating_add(ms)
+}
+
+/// The job store: one SQLite connection. Not `Sync`; share it through [`SharedStore`].
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) [`FILE_NAME`] in `dir`, creating `dir` with mode 0700 if it is missing.
+    pub fn open_in(dir: &Path) -> Result<Self, StoreError> {
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        Self::open(&dir.join(FILE_NAME))
+    }
+
+    /// Opens (or creates) the database at `path`: WAL, `synchronous=FULL`, [`BUSY_TIMEOUT`],
+    /// and the schema created or checked.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // Create the file ourselves, 0600: job specs are commands. SQLite gives its -wal and
+        // -shm files the database file's mode.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| StoreError::CreateFile {
+                path: path.to_owned(),
+                source,
+            })?;
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql_err(path, "PRAGMA journal_mode = WAL"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql_err(path, "PRAGMA synchronous = FULL"))?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err(path, "begin schema check"))?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql_err(path, "PRAGMA user_version"))?;
+        match version {
+            0 => {
+                tx.execute_batch(SCHEMA_V1)
+                    .map_err(sql_err(path, "create schema version 1"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(sql_err(path, "set PRAGMA user_version"))?;
+                tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "created the job store");
+            }
+            SCHEMA_VERSION => {}
+            found => {
+                return Err(StoreError::UnknownSchema {
+                    path: path.clone(),
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        tx.commit().map_err(sql_err(path, "commit schema"))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version stored in the file (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql_err(&self.path, "PRAGMA user_version"))
+    }
+
+    /// Queues a job, committed before this returns. The spec is stored as JSON text, without
+    /// interpretation; it must fit in a claim response ([`max_spec_len`]).
+    pub fn submit(&mut self, spec: &serde_json::Value, now_ms: i64) -> Result<u64, StoreError> {
+        // `Value`'s `Display` is its compact JSON.
+        let text = spec.to_string();
+        let max = max_spec_len();
+        if text.len() > max {
+            return Err(StoreError::SpecTooLarge {
+                len: text.len(),
+                max,
+            });
+        }
+        self.conn
+            .execute(
+                "INSERT INTO jobs (spec, state, attempts, created_ms, updated_ms)
+                 VALUES (?1, 'queued', 0, ?2, ?2)",
+                params![text, now_ms],
+            )
+            .map_err(sql_err(&self.path, "submit"))?;
+        Ok(self.conn.last_insert_rowid().unsigned_abs())
+    }
+
+    /// Sweeps expired leases (see [`Store::sweep`]), then hands the oldest queued job to
+    /// `worker` under a lease of `policy.lease_secs`, in one transaction: attempts + 1.
+    pub fn claim(
+        &mut self,
+        worker: &str,
+        policy: Policy,
+        now_ms: i64,
+    ) -> Result<Option<ClaimedJob>, StoreError> {
+        if worker.is_empty() || worker.len() > MAX_WORKER_NAME {
+            return Err(StoreError::InvalidWorker { len: worker.len() });
+        }
+        let path = &self.path;
+        let op = || format!("claim by {worker}");
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err(path, op()))?;
+        sweep_tx(&tx, path, policy.max_attempts, now_ms)?;
+        loop {
+            let next: Option<(i64, String, i64)> = tx
+                .query_row(
+                    "SELECT id, spec, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(sql_err(path, op()))?;
+            let Some((id, text, attempts)) = next else {
+                tx.commit().map_err(sql_err(path, op()))?;
+                return Ok(None);
+            };
+            let spec = match serde_json::from_str(&text) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    // Only possible if the file was edited by hand; do not let it block the queue.
+                    let reason = format!("stored spec is not valid JSON: {e}");
+                    tracing::warn!(job = id, %reason, "quarantining a job at claim");
+                    tx.execute(
+                        "UPDATE jobs SET state = 'quarantined', reason = ?2, updated_ms = ?3
+                         WHERE id = ?1",
+                        params![id, reason, now_ms],
+                    )
+                    .map_err(sql_err(path, op()))?;
+                    continue;
+                }
+            };
+            let attempt = attempts.saturating_add(1);
+            tx.execute(
+                "UPDATE jobs SET state = 'claimed', attempts = ?2, worker = ?3,
+                        lease_until_ms = ?4, updated_ms = ?5
+                 WHERE id = ?1",
+                params![
+                    id,
+                    attempt,
+                    worker,
+                    lease_end(now_ms, policy.lease_secs),
+                    now_ms
+                ],
+            )
+            .map_err(sql_err(path, op()))?;
+            tx.commit().map_err(sql_err(path, op()))?;
+            return Ok(Some(ClaimedJob {
+                id: id.unsigned_abs(),
+                spec,
+                attempt: to_u32(attempt),
+                lease_secs: policy.lease_secs,
+            }));
+        }
+    }
+
+    /// Ends every lease that ran out by `now_ms`: a job that has used `max_attempts` attempts is
+    /// quarantined ("lease expired N times: poison job"), the others are queued again.
+    pub fn sweep(&mut self, max_attempts: u32, now_ms: i64) -> Result<Vec<Expired>, StoreError> {
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err(path, "sweep expired leases"))?;
+        let expired = sweep_tx(&tx, path, max_attempts, now_ms)?;
+        tx.commit().map_err(sql_err(path, "sweep expired leases"))?;
+        Ok(expired)
+    }
+
+    /// Extends `worker`'s lease on job `id` to `lease_secs` from now.
+    pub fn renew(
+        &mut self,
+        id: u64,
+        worker: &str,
+        lease_secs: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let until = lease_end(now_ms, lease_secs);
+        self.finish(id, worker, "renew", now_ms, |tx, rid| {
+            tx.execute(
+                "UPDATE jobs SET lease_until_ms = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![rid, until, now_ms],
+            )
+        })
+    }
+
+    /// Records the outcome of a run: `Some(0)` → completed, anything else → failed.
+    pub fn complete(
+        &mut self,
+        id: u64,
+        worker: &str,
+        exit_code: Option<i32>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (state, reason) = match exit_code {
+            Some(0) => (JobState::Completed, None),
+            Some(code) => (JobState::Failed, Some(format!("exited with code {code}"))),
+            None => (
+                JobState::Failed,
+                Some("no exit code (killed or timed out)".to_owned()),
+            ),
+        };
+        self.settle(id, worker, "complete", state, reason, exit_code, now_ms)
+    }
+
+    /// Records that `worker` may not run the job (its allowlist refused it).
+    pub fn deny(
+        &mut self,
+        id: u64,
+        worker: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let reason = Some(reason.to_owned());
+        self.settle(id, worker, "deny", JobState::Denied, reason, None, now_ms)
+    }
+
+    /// Records that the job is malformed and must not be retried.
+    pub fn quarantine(
+        &mut self,
+        id: u64,
+        worker: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let reason = Some(reason.to_owned());
+        let state = JobState::Quarantined;
+        self.settle(id, worker, "quarantine", state, reason, None, now_ms)
+    }
+
+    /// Gives the job back unrun: queued again, and the attempt does not count.
+    pub fn release(&mut self, id: u64, worker: &str, now_ms: i64) -> Result<(), StoreError> {
+        let reason = format!("released by {worker}");
+        self.finish(id, worker, "release", now_ms, |tx, rid| {
+            tx.execute(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
+                        lease_until_ms = NULL, reason = ?2, updated_ms = ?3
+                 WHERE id = ?1",
+                params![rid, reason, now_ms],
+            )
+        })
+    }
+
+    /// Counts jobs by state.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .map_err(sql_err(&self.path, "stats"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(sql_err(&self.path, "stats"))?;
+        let mut stats = Stats::default();
+        for row in rows {
+            let (state, n) = row.map_err(sql_err(&self.path, "stats"))?;
+            let n = n.unsigned_abs();
+            match JobState::from_name(&state) {
+                Some(JobState::Queued) => stats.queued = n,
+                Some(JobState::Claimed) => stats.claimed = n,
+                Some(JobState::Completed) => stats.completed = n,
+                Some(JobState::Failed) => stats.failed = n,
+                Some(JobState::Denied) => stats.denied = n,
+                Some(JobState::Quarantined) => stats.quarantined = n,
+                None => {} // excluded by the CHECK constraint
+            }
+        }
+        Ok(stats)
+    }
+
+    /// One job's row, if it exists.
+    pub fn job(&self, id: u64) -> Result<Option<JobRecord>, StoreError> {
+        let Ok(rid) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let op = || format!("read job {id}");
+        let row = self
+            .conn
+            .query_row(
+                "SELECT id, spec, state, attempts, worker, lease_until_ms, created_ms,
+                        updated_ms, reason, exit_code
+                 FROM jobs WHERE id = ?1",
+                [rid],
+                |r| {
+                    Ok((
+                        JobRecord {
+                            id,
+                            spec: r.get(1)?,
+                            state: JobState::Queued,
+                            attempts: to_u32(r.get(3)?),
+                            worker: r.get(4)?,
+                            lease_until_ms: r.get(5)?,
+                            created_ms: r.get(6)?,
+                            updated_ms: r.get(7)?,
+                            reason: r.get(8)?,
+                            exit_code: r.get(9)?,
+                        },
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql_err(&self.path, op()))?;
+        Ok(row.map(|(mut rec, state)| {
+            rec.state = JobState::from_name(&state).unwrap_or(JobState::Quarantined);
+            rec
+        }))
+    }
+
+    /// Ends a claim in a final state.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        id: u64,
+        worker: &str,
+        what: &str,
+        state: JobState,
+        reason: Option<String>,
+        exit_code: Option<i32>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.finish(id, worker, what, now_ms, |tx, rid| {
+            tx.execute(
+                "UPDATE jobs SET state = ?2, reason = ?3, exit_code = ?4, lease_until_ms = NULL,
+                        updated_ms = ?5
+                 WHERE id = ?1",
+                params![rid, state.as_str(), reason, exit_code, now_ms],
+            )
+        })
+    }
+
+    /// Runs `update` in a transaction if, and only if, `worker` holds an unexpired claim on `id`.
+    fn finish(
+        &mut self,
+        id: u64,
+        worker: &str,
+        what: &str,
+        now_ms: i64,
+        update: impl FnOnce(&Transaction<'_>, i64) -> rusqlite::Result<usize>,
+    ) -> Result<(), StoreError> {
+        let path = &self.path;
+        let op = || format!("{what} job {id} by {worker}");
+        let rid = i64::try_from(id).map_err(|_| StoreError::NoSuchJob { id })?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err(path, op()))?;
+        let row: Option<(String, Option<String>, Option<i64>)> = tx
+            .query_row(
+                "SELECT state, worker, lease_until_ms FROM jobs WHERE id = ?1",
+                [rid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql_err(path, op()))?;
+        let Some((state, holder, lease_until)) = row else {
+            return Err(StoreError::NoSuchJob { id });
+        };
+        let refuse = |why: String| StoreError::NotClaimed {
+            id,
+            worker: worker.to_owned(),
+            why,
+        };
+        if state != JobState::Claimed.as_str() {
+            return Err(refuse(format!("it is {state}")));
+        }
+        match holder {
+            Some(h) if h == worker => {}
+            Some(h) => return Err(refuse(format!("it is claimed by {h}"))),
+            None => return Err(refuse("it has no worker".to_owned())),
+        }
+        if lease_until.is_none_or(|until| until <= now_ms) {
+            return Err(refuse("its lease expired".to_owned()));
+        }
+        update(&tx, rid).map_err(sql_err(path, op()))?;
+        tx.commit().map_err(sql_err(path, op()))
+    }
+}
+
+/// The sweep, inside the caller's transaction.
+fn sweep_tx(
+    tx: &Transaction<'_>,
+    path: &Path,
+    max_attempts: u32,
+    now_ms: i64,
+) -> Result<Vec<Expired>, StoreError> {
+    let op = "sweep expired leases";
+    let rows: Vec<(i64, Option<String>, i64)> = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT id, worker, attempts FROM jobs
+                 WHERE state = 'claimed' AND lease_until_ms <= ?1 ORDER BY id",
+            )
+            .map_err(sql_err(path, op))?;
+        stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
+            .map_err(sql_err(path, op))?
+    };
+    let mut expired = Vec::with_capacity(rows.len());
+    for (id, worker, attempts) in rows {
+        let attempts = to_u32(attempts);
+        let who = worker.as_deref().unwrap_or("?");
+        let quarantined = attempts >= max_attempts;
+        if quarantined {
+            let reason = format!("lease expired {attempts} times: poison job");
+            tracing::warn!(job = id, worker = who, attempts, "{reason}; quarantined");
+            tx.execute(
+                "UPDATE jobs SET state = 'quarantined', reason = ?2, lease_until_ms = NULL,
+                        updated_ms = ?3
+                 WHERE id = ?1",
+                params![id, reason, now_ms],
+            )
+            .map_err(sql_err(path, op))?;
+        } else {
+            let reason = format!("lease expired (attempt {attempts}, worker {who})");
+            tracing::warn!(
+                job = id,
+                worker = who,
+                attempts,
+                "lease expired; queued again"
+            );
+            tx.execute(
+                "UPDATE jobs SET state = 'queued', reason = ?2, lease_until_ms = NULL,
+                        updated_ms = ?3
+                 WHERE id = ?1",
+                params![id, reason, now_ms],
+            )
+            .map_err(sql_err(path, op))?;
+        }
+        expired.push(Expired {
+            id: id.unsigned_abs(),
+            worker,
+            attempts,
+            quarantined,
+        });
+    }
+    Ok(expired)
+}
+
+/// A [`Store`] shared by the daemon's tasks: each call runs on tokio's blocking pool, one at a
+/// time (a mutex), so the async tasks never wait on SQLite or `fsync`.
+#[derive(Debug, Clone)]
+pub struct SharedStore {
+    store: Arc<Mutex<Store>>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// Counts a call from its start until its closure returns (or is dropped unrun).
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl SharedStore {
+    /// Shares `store`.
+    pub fn new(store: Store) -> Self {
+        SharedStore {
+            store: Arc::new(Mutex::new(store)),
+            pending: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Runs `f` on the store on the blocking pool and waits for it. `op` names the call in a
+    /// [`StoreError::Task`] error.
+    pub async fn call<T, F>(&self, op: impl Into<String>, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let guard = PendingGuard(self.pending.clone());
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            // A call that panicked rolled its transaction back when it unwound.
+            let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut store)
+        })
+        .await
+        .map_err(|source| StoreError::Task {
+            op: op.into(),
+            source,
+        })?
+    }
+
+    /// Calls started and not yet finished, the running one included: for diagnostics and
+    /// tests.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const T0: i64 = 1_700_000_000_000;
+    const POLICY: Policy = Policy {
+        lease_secs: 60,
+        max_attempts: 3,
+    };
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in(&dir.path().join("state")).unwrap();
+        (dir, store)
+    }
+
+    fn stats(q: u64, c: u64, done: u64, failed: u64, denied: u64, quar: u64) -> Stats {
+        Stats {
+            queued: q,
+            claimed: c,
+            completed: done,
+            failed,
+            denied,
+            quarantined: quar,
+        }
+    }
+
+    #[test]
+    fn opens_in_wal_with_full_sync_and_a_versioned_schema() {
+        let (dir, store) = open();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let mode: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = store
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+        let busy: i64 = store
+            .conn
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 5000);
+        use std::os::unix::fs::PermissionsExt as _;
+        let state = dir.path().join("state");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(FILE_NAME)), 0o600);
+    }
+
+    #[test]
+    fn an_unknown_schema_version_is_refused_untouched() {
+        let (dir, store) = open();
+        store
+            .conn
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(store);
+        let path = dir.path().join("state").join(FILE_NAME);
+        let e = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(e, StoreError::UnknownSchema { found: 2, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn claims_hand_out_the_oldest_job_first() {
+        let (_d, mut s) = open();
+        let a = s.submit(&json!({"n": 1}), T0).unwrap();
+        let b = s.submit(&json!({"n": 2}), T0).unwrap();
+        let c = s.submit(&json!({"n": 3}), T0).unwrap();
+        assert!(a < b && b < c);
+        let first = s.claim("w1", POLICY, T0).unwrap().unwrap();
+        assert_eq!(first.id, a);
+        assert_eq!(first.spec, json!({"n": 1}));
+        assert_eq!(first.attempt, 1);
+        assert_eq!(first.lease_secs, 60);
+        assert_eq!(s.claim("w2", POLICY, T0).unwrap().unwrap().id, b);
+        assert_eq!(s.claim("w1", POLICY, T0).unwrap().unwrap().id, c);
+        assert_eq!(s.claim("w1", POLICY, T0).unwrap(), None);
+        let rec = s.job(a).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Claimed);
+        assert_eq!(rec.worker.as_deref(), Some("w1"));
+        assert_eq!(rec.lease_until_ms, Some(T0 + 60_000));
+        assert_eq!(s.stats().unwrap(), stats(0, 3, 0, 0, 0, 0));
+    }
+
+    #[test]
+    fn an_expired_lease_queues_the_job_again() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        s.claim("w1", POLICY, T0).unwrap().unwrap();
+        // One millisecond before the end: still held, nothing swept.
+        assert!(s.sweep(3, T0 + 59_999).unwrap().is_empty());
+        assert_eq!(s.claim("w2", POLICY, T0 + 59_999).unwrap(), None);
+        // At the end, the next claim sweeps first and gets it back.
+        let again = s.claim("w2", POLICY, T0 + 60_000).unwrap().unwrap();
+        assert_eq!((again.id, again.attempt), (id, 2));
+        // The first worker's late report is refused.
+        let e = s.complete(id, "w1", Some(0), T0 + 60_001).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("job {id} is not claimed by w1: it is claimed by w2")
+        );
+    }
+
+    #[test]
+    fn a_report_after_the_lease_ran_out_is_refused_even_before_a_sweep() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        s.claim("w1", POLICY, T0).unwrap().unwrap();
+        let e = s.renew(id, "w1", 60, T0 + 60_000).unwrap_err();
+        assert!(e.to_string().ends_with("its lease expired"), "{e}");
+        assert!(e.is_refusal());
+        assert_eq!(s.job(id).unwrap().unwrap().state, JobState::Claimed);
+    }
+
+    #[test]
+    fn renew_extends_the_lease() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        s.claim("w1", POLICY, T0).unwrap().unwrap();
+        s.renew(id, "w1", 60, T0 + 50_000).unwrap();
+        assert_eq!(
+            s.job(id).unwrap().unwrap().lease_until_ms,
+            Some(T0 + 110_000)
+        );
+        assert!(s.sweep(3, T0 + 100_000).unwrap().is_empty());
+        s.complete(id, "w1", Some(0), T0 + 100_000).unwrap();
+        assert_eq!(s.stats().unwrap(), stats(0, 0, 1, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_job_whose_lease_expires_max_attempts_times_is_quarantined_as_poison() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("poison"), T0).unwrap();
+        let mut now = T0;
+        for attempt in 1..=3 {
+            let job = s.claim("w", POLICY, now).unwrap().unwrap();
+            assert_eq!((job.id, job.attempt), (id, attempt));
+            now += 60_000;
+            let expired = s.sweep(3, now).unwrap();
+            assert_eq!(
+                expired,
+                vec![Expired {
+                    id,
+                    worker: Some("w".into()),
+                    attempts: attempt,
+                    quarantined: attempt == 3,
+                }]
+            );
+        }
+        let rec = s.job(id).unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Quarantined);
+        assert_eq!(
+            rec.reason.as_deref(),
+            Some("lease expired 3 times: poison job")
+        );
+        assert_eq!(s.claim("w", POLICY, now).unwrap(), None);
+        assert_eq!(s.stats().unwrap(), stats(0, 0, 0, 0, 0, 1));
+    }
+
+    #[test]
+    fn release_gives_the_job_back_without_counting_an_attempt() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        for _ in 0..5 {
+            let job = s.claim("w", POLICY, T0).unwrap().unwrap();
+            assert_eq!(job.attempt, 1);
+            s.release(id, "w", T0).unwrap();
+        }
+        let rec = s.job(id).unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (JobState::Queued, 0));
+        assert_eq!(rec.reason.as_deref(), Some("released by w"));
+        // Released five times, and still not poison.
+        let policy = Policy {
+            max_attempts: 1,
+            ..POLICY
+        };
+        assert_eq!(s.claim("w", policy, T0).unwrap().unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn reports_from_another_worker_or_on_other_jobs_are_refused_and_change_nothing() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        let queued = s.submit(&json!("y"), T0).unwrap();
+        s.claim("w1", POLICY, T0).unwrap().unwrap();
+        let before = s.job(id).unwrap();
+        let not_w2 = format!("job {id} is not claimed by w2: it is claimed by w1");
+        let refusals = [
+            s.renew(id, "w2", 60, T0).unwrap_err(),
+            s.complete(id, "w2", Some(0), T0).unwrap_err(),
+            s.deny(id, "w2", "no", T0).unwrap_err(),
+            s.quarantine(id, "w2", "no", T0).unwrap_err(),
+            s.release(id, "w2", T0).unwrap_err(),
+        ];
+        for e in refusals {
+            assert_eq!(e.to_string(), not_w2);
+        }
+        assert_eq!(s.job(id).unwrap(), before);
+        let e = s.complete(queued, "w1", Some(0), T0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("job {queued} is not claimed by w1: it is queued")
+        );
+        let e = s.complete(999, "w1", Some(0), T0).unwrap_err();
+        assert_eq!(e.to_string(), "no job 999");
+        let e = s.complete(u64::MAX, "w1", Some(0), T0).unwrap_err();
+        assert!(matches!(e, StoreError::NoSuchJob { .. }), "{e}");
+        // Finished jobs cannot be reported twice.
+        s.complete(id, "w1", Some(0), T0).unwrap();
+        let e = s.complete(id, "w1", Some(0), T0).unwrap_err();
+        assert!(e.to_string().ends_with("it is completed"), "{e}");
+    }
+
+    #[test]
+    fn outcomes_record_state_reason_and_exit_code_and_stats_count_them() {
+        let (_d, mut s) = open();
+        let ids: Vec<u64> = (0..6)
+            .map(|i| s.submit(&json!({ "i": i }), T0).unwrap())
+            .collect();
+        for _ in &ids {
+            s.claim("w", POLICY, T0).unwrap().unwrap();
+        }
+        s.complete(ids[0], "w", Some(0), T0).unwrap();
+        s.complete(ids[1], "w", Some(3), T0).unwrap();
+        s.complete(ids[2], "w", None, T0).unwrap();
+        s.deny(ids[3], "w", "not on the allowlist", T0).unwrap();
+        s.quarantine(ids[4], "w", "empty command", T0).unwrap();
+        let rec = |id| s.job(id).unwrap().unwrap();
+        let r = rec(ids[0]);
+        assert_eq!(
+            (r.state, r.exit_code, r.reason),
+            (JobState::Completed, Some(0), None)
+        );
+        let r = rec(ids[1]);
+        assert_eq!((r.state, r.exit_code), (JobState::Failed, Some(3)));
+        let r = rec(ids[2]);
+        assert_eq!((r.state, r.exit_code), (JobState::Failed, None));
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("no exit code (killed or timed out)")
+        );
+        let r = rec(ids[3]);
+        assert_eq!(r.state, JobState::Denied);
+        assert_eq!(r.reason.as_deref(), Some("not on the allowlist"));
+        let r = rec(ids[4]);
+        assert_eq!(r.state, JobState::Quarantined);
+        assert_eq!(r.reason.as_deref(), Some("empty command"));
+        assert_eq!(r.lease_until_ms, None);
+        s.submit(&json!("new"), T0).unwrap();
+        assert_eq!(s.stats().unwrap(), stats(1, 1, 1, 2, 1, 1));
+    }
+
+    #[test]
+    fn reopening_keeps_every_job_and_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut s = Store::open_in(&state).unwrap();
+        let a = s.submit(&json!({"keep": "me"}), T0).unwrap();
+        let b = s.submit(&json!(2), T0).unwrap();
+        s.claim("w", POLICY, T0).unwrap().unwrap();
+        drop(s);
+        let mut s = Store::open_in(&state).unwrap();
+        assert_eq!(s.stats().unwrap(), stats(1, 1, 0, 0, 0, 0));
+        assert_eq!(s.job(a).unwrap().unwrap().spec, r#"{"keep":"me"}"#);
+        s.complete(a, "w", Some(0), T0 + 1).unwrap();
+        assert_eq!(s.claim("w", POLICY, T0).unwrap().unwrap().id, b);
+        let c = s.submit(&json!(3), T0).unwrap();
+        assert!(c > b, "ids are not reused");
+    }
+
+    #[test]
+    fn oversized_specs_and_bad_worker_names_are_refused() {
+        let (_d, mut s) = open();
+        let max = max_spec_len();
+        // A JSON string of max bytes: the quotes count.
+        let fits = json!("a".repeat(max - 2));
+        let id = s.submit(&fits, T0).unwrap();
+        let e = s.submit(&json!("a".repeat(max - 1)), T0).unwrap_err();
+        assert!(matches!(e, StoreError::SpecTooLarge { .. }), "{e}");
+        // The largest spec still comes back in a line within MAX_LINE.
+        let job = s.claim("w", POLICY, T0).unwrap().unwrap();
+        assert_eq!(job.id, id);
+        let line = serde_json::to_string(&Response::Job { job: Some(job) }).unwrap();
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+
+        for bad in [String::new(), "w".repeat(MAX_WORKER_NAME + 1)] {
+            let e = s.claim(&bad, POLICY, T0).unwrap_err();
+            assert!(matches!(e, StoreError::InvalidWorker { .. }), "{e}");
+        }
+        assert!(s.claim(&"w".repeat(MAX_WORKER_NAME), POLICY, T0).is_ok());
+    }
+
+    #[test]
+    fn a_corrupt_stored_spec_is_quarantined_instead_of_blocking_the_queue() {
+        let (_d, mut s) = open();
+        let bad = s.submit(&json!("x"), T0).unwrap();
+        let good = s.submit(&json!("y"), T0).unwrap();
+        s.conn
+            .execute("UPDATE jobs SET spec = '{nope' WHERE id = ?1", [bad as i64])
+            .unwrap();
+        assert_eq!(s.claim("w", POLICY, T0).unwrap().unwrap().id, good);
+        assert_eq!(s.job(bad).unwrap().unwrap().state, JobState::Quarantined);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_store_runs_calls_one_at_a_time_and_counts_them() {
+        let (_d, s) = open();
+        let shared = SharedStore::new(s);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shared
+                    .call("block", move |_| {
+                        let _ = wait.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        let submit = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.call("submit", |s| s.submit(&json!("x"), T0)).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shared.pending() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "calls never started"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(!submit.is_finished());
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        let id = submit.await.unwrap().unwrap();
+        assert_eq!(shared.pending(), 0);
+        let rec = shared.call("read", move |s| s.job(id)).await.unwrap();
+        assert_eq!(rec.unwrap().state, JobState::Queued);
+    }
+}

@@ -1,0 +1,260 @@
+//! The worker's configuration file (TOML).
+//!
+//! ```toml
+//! # Programs a job may run, compared exactly with the job's command[0]:
+//! # "echo" allows ["echo", ...] but not ["/bin/echo", ...].
+//! allowlist = ["echo", "/usr/bin/true", "sh"]
+//! poll_interval_ms = 500   # how often an idle worker asks for a job
+//! grace_secs = 10          # on SIGTERM, how long a running job may take before it is released
+//! backoff_max_ms = 5000    # longest wait between reconnection attempts
+//! ```
+//!
+//! Every key is optional; unknown keys are errors, so that a typo does not go unnoticed.
+//! Without a configuration file the allowlist is empty and every job is denied.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default for [`Config::poll_interval_ms`].
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 500;
+/// Default for [`Config::grace_secs`].
+pub const DEFAULT_GRACE_SECS: u64 = 10;
+/// Default for [`Config::backoff_max_ms`].
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5000;
+/// The first wait before reconnecting to a lost daemon; it doubles up to
+/// [`Config::backoff_max_ms`].
+pub const BACKOFF_INITIAL_MS: u64 = 100;
+/// Upper bound of `poll_interval_ms` and `backoff_max_ms` (one hour).
+pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Upper bound of `grace_secs` (one hour).
+pub const MAX_GRACE_SECS: u64 = 3_600;
+
+/// The worker's settings, as read from the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Programs a job may run, compared exactly with its `command[0]`.
+    pub allowlist: Vec<String>,
+    /// How often an idle worker asks for a job, and the longest time between two cycles of
+    /// the poll loop, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// On `SIGTERM`, how long a running job may take to finish before it is killed and released.
+    pub grace_secs: u64,
+    /// Longest wait between two attempts to reconnect to the daemon, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            allowlist: Vec::new(),
+            poll_interval_ms: DEFAULT_POLL_INTERVAL_MS,
+            grace_secs: DEFAULT_GRACE_SECS,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+        }
+    }
+}
+
+/// A configuration file could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown keys or values of the wrong type.
+    #[error("config file {}: invalid TOML", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found (with the line and column).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("config file {}: {key} = {value}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `poll_interval_ms`.
+        key: &'static str,
+        /// The value found, as written in TOML.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks every value's range; `path` is only used in error messages.
+    pub fn validate(&self, path: impl AsRef<Path>) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, reason| ConfigError::Invalid {
+            path: path.as_ref().to_owned(),
+            key,
+            value,
+            reason,
+        };
+        if !(1..=MAX_INTERVAL_MS).contains(&self.poll_interval_ms) {
+            return Err(invalid(
+                "poll_interval_ms",
+                self.poll_interval_ms.to_string(),
+                "must be between 1 and 3600000",
+            ));
+        }
+        if !(BACKOFF_INITIAL_MS..=MAX_INTERVAL_MS).contains(&self.backoff_max_ms) {
+            return Err(invalid(
+                "backoff_max_ms",
+                self.backoff_max_ms.to_string(),
+                "must be between 100 and 3600000",
+            ));
+        }
+        if self.grace_secs > MAX_GRACE_SECS {
+            return Err(invalid(
+                "grace_secs",
+                self.grace_secs.to_string(),
+                "must be at most 3600",
+            ));
+        }
+        for program in &self.allowlist {
+            if program.is_empty() || program.contains('\0') {
+                return Err(invalid(
+                    "allowlist",
+                    format!("{program:?}"),
+                    "entries must be non-empty and without NUL bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a job may run `program` (its `command[0]`): an exact match with an entry.
+    pub fn allows(&self, program: &str) -> bool {
+        self.allowlist.iter().any(|p| p == program)
+    }
+
+    /// [`Config::poll_interval_ms`] as a duration.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// [`Config::grace_secs`] as a duration.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_secs)
+    }
+
+    /// [`Config::backoff_max_ms`] as a duration.
+    pub fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.backoff_max_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::parse("", "w.toml").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.poll_interval(), Duration::from_millis(500));
+        assert_eq!(c.grace(), Duration::from_secs(10));
+        assert_eq!(c.backoff_max(), Duration::from_secs(5));
+        assert!(!c.allows("echo"));
+    }
+
+    #[test]
+    fn full_file_parses_and_matches_exactly() {
+        let c = Config::parse(
+            r#"
+            allowlist = ["echo", "/usr/bin/true"]
+            poll_interval_ms = 50
+            grace_secs = 0
+            backoff_max_ms = 100
+            "#,
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!(c.poll_interval_ms, 50);
+        assert_eq!(c.grace_secs, 0);
+        assert_eq!(c.backoff_max_ms, 100);
+        assert!(c.allows("echo"));
+        assert!(c.allows("/usr/bin/true"));
+        for other in ["/bin/echo", "true", "echo ", "ECHO", ""] {
+            assert!(!c.allows(other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let cases = [
+            ("poll_interval_ms = 0", "poll_interval_ms = 0"),
+            ("backoff_max_ms = 99", "backoff_max_ms = 99"),
+            ("grace_secs = 3601", "grace_secs = 3601"),
+            (r#"allowlist = ["echo", ""]"#, r#"allowlist = """#),
+        ];
+        for (text, expected) in cases {
+            let e = Config::parse(text, "/etc/wk/worker.toml").unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("config file /etc/wk/worker.toml: "),
+                "{msg}"
+            );
+            assert!(msg.contains(expected), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_parse_errors() {
+        for text in [
+            "poll_interval = 5",
+            "allowlist = \"echo\"",
+            "grace_secs = -1",
+            "[x",
+        ] {
+            let e = Config::parse(text, "w.toml").unwrap_err();
+            assert!(matches!(e, ConfigError::Parse { .. }), "{text}: {e:?}");
+            assert_eq!(e.to_string(), "config file w.toml: invalid TOML");
+            let source = std::error::Error::source(&e).unwrap().to_string();
+            assert!(source.contains("line 1"), "{text}: {source}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let e = Config::load(&path).unwrap_err();
+        assert!(matches!(&e, ConfigError::Read { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound));
+        assert!(e.to_string().contains("absent.toml"), "{e}");
+    }
+}

@@ -1,0 +1,199 @@
+//! Running one job's command: no shell, no supervision variables, bounded by its timeout.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use rustix::process::{Pid, Signal};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use watchkeeper::SystemdEnv;
+use watchkeeper_jobs::JobSpec;
+
+/// How a job's command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JobEnd {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal we did not send ended it.
+    Signaled(i32),
+    /// It ran past its `timeout_secs` and was killed.
+    TimedOut(Duration),
+    /// The worker is stopping and killed it after the grace period: the job is to be released.
+    Stopped,
+    /// It could not be started (e.g. the program does not exist).
+    NotStarted(String),
+}
+
+impl JobEnd {
+    /// The exit code for `complete`: `None` unless the command exited by itself.
+    pub(crate) fn exit_code(&self) -> Option<i32> {
+        match self {
+            JobEnd::Exited(code) => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_status(status: ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => JobEnd::Exited(code),
+            (None, Some(sig)) => JobEnd::Signaled(sig),
+            // Neither: not possible for a waited-for child on Linux.
+            (None, None) => JobEnd::Signaled(0),
+        }
+    }
+}
+
+impl std::fmt::Display for JobEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobEnd::Exited(code) => write!(f, "exited with code {code}"),
+            JobEnd::Signaled(sig) => write!(f, "killed by signal {sig}"),
+            JobEnd::TimedOut(after) => write!(f, "killed after its timeout of {after:?}"),
+            JobEnd::Stopped => f.write_str("killed because the worker is stopping"),
+            JobEnd::NotStarted(why) => write!(f, "not started: {why}"),
+        }
+    }
+}
+
+/// Runs `spec` to its end: `command[0]` with the rest as arguments (no shell), stdin from
+/// `/dev/null`, without the supervision variables (`NOTIFY_SOCKET`, `WATCHDOG_*`, …), in a
+/// process group of its own so that a timeout or a stop kills whatever it started, too.
+/// Cancelling `stop` kills it.
+pub(crate) async fn run(spec: JobSpec, stop: CancellationToken) -> JobEnd {
+    let Some((program, args)) = spec.command.split_first() else {
+        return JobEnd::NotStarted("empty command".into());
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    SystemdEnv::scrub(cmd.as_std_mut());
+    cmd.stdin(Stdio::null())
+        .process_group(0)
+        // If this task is dropped (the runtime shuts down), the command does not outlive it.
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return JobEnd::NotStarted(format!("cannot start {program:?}: {e}")),
+    };
+    let limit = Duration::from_secs(spec.timeout_secs);
+    let end = tokio::select! {
+        status = child.wait() => return match status {
+            Ok(status) => JobEnd::from_status(status),
+            Err(e) => JobEnd::NotStarted(format!("cannot wait for {program:?}: {e}")),
+        },
+        () = tokio::time::sleep(limit) => JobEnd::TimedOut(limit),
+        () = stop.cancelled() => JobEnd::Stopped,
+    };
+    kill_group(&mut child).await;
+    end
+}
+
+/// `SIGKILL` to the child's process group, then reaps the child. The child is not reaped before
+/// the signal, so its pid (the group's id) cannot have been reused.
+async fn kill_group(child: &mut Child) {
+    let group = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(Pid::from_raw);
+    let killed = group.is_some_and(|pgid| {
+        rustix::process::kill_process_group(pgid, Signal::KILL)
+            .inspect_err(|e| tracing::debug!(error = %e, "killing the job's process group"))
+            .is_ok()
+    });
+    if !killed {
+        let _ = child.start_kill();
+    }
+    if let Err(e) = child.wait().await {
+        tracing::warn!(error = %e, "cannot reap a killed job");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cmd: &[&str], timeout_secs: u64) -> JobSpec {
+        JobSpec {
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout_secs,
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_codes_and_signals_are_reported() {
+        let never = CancellationToken::new();
+        assert_eq!(
+            run(spec(&["sh", "-c", "exit 3"], 10), never.clone()).await,
+            JobEnd::Exited(3)
+        );
+        assert_eq!(
+            run(spec(&["sh", "-c", "kill -TERM $$"], 10), never.clone()).await,
+            JobEnd::Signaled(15)
+        );
+        let end = run(spec(&["/nonexistent/program"], 10), never).await;
+        assert!(
+            matches!(&end, JobEnd::NotStarted(why) if why.contains("/nonexistent/program")),
+            "{end:?}"
+        );
+        assert_eq!(end.exit_code(), None);
+    }
+
+    #[tokio::test]
+    async fn arguments_reach_the_program_without_a_shell() {
+        // The argument is passed as is: no shell expands it.
+        let end = run(
+            spec(
+                &["sh", "-c", "test \"$0\" = '$HOME' && exit 7", "$HOME"],
+                10,
+            ),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(end, JobEnd::Exited(7));
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(spec(&["sh", "-c", &script], 60), stop.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let pid: i32 = loop {
+            if let Ok(s) = std::fs::read_to_string(&pidfile)
+                && let Ok(p) = s.trim().parse()
+            {
+                break p;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no pid file");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        stop.cancel();
+        assert_eq!(task.await.unwrap(), JobEnd::Stopped);
+        // The grandchild got SIGKILL too: gone, or a zombie until init reaps it.
+        wait_dead(pid).await;
+    }
+
+    async fn wait_dead(pid: i32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return,
+                Ok(stat)
+                    if stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap()
+                        .trim_start()
+                        .starts_with('Z') =>
+                {
+                    return;
+                }
+                Ok(_) => {}
+            }
+            assert!(tokio::time::Instant::now() < deadline, "pid {pid} alive");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
