@@ -1,0 +1,4 @@
+//! Helpers shared by the end-to-end tests. Each test binary uses only some of them.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod user_manager;
