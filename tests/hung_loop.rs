@@ -84,5 +84,6 @@ fn healthy_loop_pings_at_half_the_timeout() {
     service.signal(Signal::TERM);
     let (status, stderr) = service.wait();
     assert!(status.success(), "{status}\n{stderr}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }

@@ -45,6 +45,7 @@ async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
     stop.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    manager.wait_stopping(WAIT).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }
 
@@ -81,5 +82,100 @@ async fn stop_waits_for_tasks_spawned_on_the_tracker_by_other_tasks() {
         1,
         "the nested task was waited for"
     );
+    manager.wait_stopping(WAIT).unwrap();
     manager.check_stopped_cleanly().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_reload_replaces_an_earlier_reload_failure_in_status() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    service
+        .lifecycle()
+        .ready_with_status("serving v1")
+        .await
+        .unwrap();
+    let controller = service.controller();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let run = tokio::spawn(service.run(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err("bad config".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    }));
+    controller.request_reload().await;
+    manager
+        .wait_for("the failure", WAIT, |r| {
+            r.get("STATUS") == Some("reload failed: bad config")
+        })
+        .unwrap();
+    let since = manager.len();
+    controller.request_reload().await;
+    let ready = manager
+        .wait_for_since(since, "READY=1 after the good reload", WAIT, |r| {
+            r.has("READY", "1")
+        })
+        .unwrap();
+    assert_eq!(ready.get("STATUS"), Some("serving v1"));
+    controller.request_shutdown().await;
+    run.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    manager.wait_stopping(WAIT).unwrap();
+    manager.check_stopped_cleanly().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_request_after_the_service_sent_stopping_itself_still_stops() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    service.lifecycle().ready().await.unwrap();
+    service.lifecycle().stopping().await.unwrap();
+    service.request_shutdown().await;
+    let report = tokio::time::timeout(WAIT, service.run(watchkeeper::service::no_reload))
+        .await
+        .expect("run() must return once a stop was requested");
+    report.unwrap();
+    // Everything sent before this marker has been recorded.
+    let marker = watchkeeper::Notifier::from_env(&manager.env()).unwrap();
+    marker
+        .notify(&[watchkeeper::Notification::custom("X_MARK", "end").unwrap()])
+        .unwrap();
+    manager
+        .wait_for("marker", WAIT, |r| r.get("X_MARK") == Some("end"))
+        .unwrap();
+    let stops = manager
+        .records()
+        .iter()
+        .filter(|r| r.has("STOPPING", "1"))
+        .count();
+    assert_eq!(stops, 1);
+    manager.wait_stopping(WAIT).unwrap();
+    manager.check_stopped_cleanly().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vsock_notify_socket_runs_unsupervised_instead_of_failing() {
+    let env = watchkeeper::SystemdEnv::from_vars([("NOTIFY_SOCKET", "vsock:2:1234")]);
+    let service = Service::builder("t")
+        .env(env)
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    assert_eq!(
+        service.lifecycle().ready().await.unwrap(),
+        watchkeeper::Delivery::NotSupervised
+    );
 }

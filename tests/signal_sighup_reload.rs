@@ -60,5 +60,6 @@ fn sighup_reloads_and_a_bad_config_is_reported() {
     service.signal(Signal::TERM);
     let (st, stderr) = service.wait();
     assert!(st.success(), "{st}\n{stderr}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }

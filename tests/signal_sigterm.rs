@@ -37,6 +37,12 @@ fn sigterm_stops_gracefully_within_the_bound() {
         "both jobs finished: {stderr}"
     );
 
+    // The child has exited; wait until its last messages are recorded too.
+    manager
+        .wait_for("EXTEND_TIMEOUT_USEC=", DEADLINE, |r| {
+            r.get("EXTEND_TIMEOUT_USEC").is_some()
+        })
+        .unwrap();
     let records = manager.records();
     let stopping = records.iter().position(|r| r.has("STOPPING", "1")).unwrap();
     let extend: Vec<u64> = records[stopping..]
@@ -47,5 +53,6 @@ fn sigterm_stops_gracefully_within_the_bound() {
     assert!(!extend.is_empty(), "no EXTEND_TIMEOUT_USEC while stopping");
     // Our bound (10 s) plus the 1 s margin, at most.
     assert!(extend.iter().all(|&u| u <= 11_000_000), "{extend:?}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }

@@ -32,5 +32,6 @@ fn stop_past_the_bound_fails_with_a_clear_error() {
         stderr.contains("graceful stop did not finish within 300ms: 2 task(s) still running"),
         "{stderr}"
     );
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }

@@ -201,3 +201,47 @@ async fn full_queue_coalesces_pending_pings() {
     );
     drop(service);
 }
+
+#[tokio::test(start_paused = true)]
+async fn zero_timeout_turns_the_watchdog_off() {
+    let manager = FakeManager::start().unwrap();
+    let marker = Notifier::from_env(&manager.env()).unwrap();
+    let service = service(&manager);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    service.set_watchdog_timeout(Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let r = settle(&manager, &marker, "off");
+    assert_eq!(r.iter().filter(|r| r.has("WATCHDOG_USEC", "0")).count(), 1);
+    assert_eq!(pings(&r), 1, "only the ping at 1 s: {r:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trigger_refused_by_a_full_queue_is_retried() {
+    let manager = FakeManager::start().unwrap();
+    let filler = Notifier::from_env(&manager.env()).unwrap();
+    let service = service(&manager);
+    let p = service.register_loop("db");
+    manager.pause();
+    let mut queued = 0;
+    while filler
+        .notify(&[Notification::custom("X_FILL", "1").unwrap()])
+        .is_ok()
+    {
+        queued += 1;
+        assert!(queued < 10_000, "queue never filled");
+    }
+    p.trigger("wedged");
+    // The keeper tries at once and every 10 ms while the queue is full.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    manager.resume();
+    manager
+        .wait_for("fillers", WAIT, |r| {
+            r.get("X_FILL").is_some() && r.seq + 1 >= queued
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r = manager
+        .wait_for("WATCHDOG=trigger", WAIT, |r| r.has("WATCHDOG", "trigger"))
+        .unwrap();
+    assert_eq!(r.get("STATUS"), Some("watchdog trigger: db: wedged"));
+}

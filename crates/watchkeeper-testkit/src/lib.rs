@@ -49,7 +49,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use watchkeeper::env::{NOTIFY_SOCKET, WATCHDOG_PID, WATCHDOG_USEC};
 use watchkeeper::{NotifyAddr, SystemdEnv};
 
-/// Largest datagram accepted, as systemd's `NOTIFY_BUFFER_MAX` (`PIPE_BUF`).
+/// systemd's `NOTIFY_BUFFER_MAX` (`PIPE_BUF`): a datagram of this size or more is ignored whole.
 const BUFFER_MAX: usize = 4096;
 /// Most fds systemd accepts in one message.
 const FDS_MAX: usize = 253;
@@ -70,9 +70,11 @@ pub struct Record {
 }
 
 impl Record {
-    /// The `KEY=VALUE` assignments, in order.
+    /// The `KEY=VALUE` assignments, in order (split at `\n` and `\r`, as systemd does).
     pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.payload.split('\n').filter_map(|l| l.split_once('='))
+        self.payload
+            .split(['\n', '\r'])
+            .filter_map(|l| l.split_once('='))
     }
 
     /// The value of `key`, if assigned (the last assignment wins, as in systemd).
@@ -158,6 +160,7 @@ impl fmt::Display for Log {
 struct State {
     records: Vec<Record>,
     paused: bool,
+    dropped: usize,
 }
 
 #[derive(Debug)]
@@ -286,6 +289,11 @@ impl FakeManager {
     /// How many messages were received so far; a cursor for [`FakeManager::wait_for_since`].
     pub fn len(&self) -> usize {
         self.shared.lock().records.len()
+    }
+
+    /// Datagrams ignored for being too large (4096 bytes or more), as systemd ignores them.
+    pub fn dropped(&self) -> usize {
+        self.shared.lock().dropped
     }
 
     /// Whether nothing was received yet.
@@ -531,8 +539,13 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
                 _ => {}
             }
         }
-        let len = msg.bytes.min(BUFFER_MAX);
-        let payload = String::from_utf8_lossy(&buf[..len])
+        if msg.bytes >= BUFFER_MAX {
+            // As PID 1: "exceeded maximum size. Ignoring." The fds are closed.
+            shared.lock().dropped += 1;
+            shared.changed.notify_all();
+            continue;
+        }
+        let payload = String::from_utf8_lossy(&buf[..msg.bytes])
             .trim_end_matches('\n')
             .to_owned();
         let mut state = shared.lock();
@@ -688,6 +701,20 @@ mod tests {
         assert!(e.to_string().contains("2 ping(s)"), "{e}");
         m.check_ping_cadence(Duration::from_secs(2), Duration::from_secs(2), 2)
             .unwrap();
+    }
+
+    #[test]
+    fn datagrams_of_4096_bytes_or_more_are_ignored_as_systemd_does() {
+        let m = FakeManager::start().unwrap();
+        let tx = UnixDatagram::unbound().unwrap();
+        let addr =
+            SocketAddr::from_abstract_name(&m.notify_socket().to_str().unwrap().as_bytes()[1..])
+                .unwrap();
+        tx.send_to_addr(&[b'X'; BUFFER_MAX], &addr).unwrap();
+        tx.send_to_addr(b"READY=1", &addr).unwrap();
+        m.wait_ready(Duration::from_secs(5)).unwrap();
+        assert_eq!(m.dropped(), 1);
+        assert_eq!(m.len(), 1);
     }
 
     #[test]

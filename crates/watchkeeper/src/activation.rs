@@ -12,7 +12,8 @@
 //!    the kernel exposes pidfd inode ids (pidfs, Linux 6.9+), equal the inode of a pidfd for
 //!    our process; otherwise the fds are not for us. Without pidfs the check is skipped, as in
 //!    `sd-daemon.c`.
-//! 3. `LISTEN_FDS` unset or `0`: nothing was passed. Not a decimal number, or too large: error.
+//! 3. `LISTEN_FDS` unset: nothing was passed. `0`, not a decimal number, or too large: error
+//!    (`-EINVAL` in `sd-daemon.c`).
 //! 4. `LISTEN_FDNAMES`, if set, is split at `:` with empty fields kept and must have exactly
 //!    `LISTEN_FDS` entries (else error). Unset, every fd is named `unknown`.
 //! 5. Every fd from [`SD_LISTEN_FDS_START`] on must be open and gets `FD_CLOEXEC`, so that the

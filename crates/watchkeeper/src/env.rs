@@ -70,8 +70,8 @@ pub enum NotifyAddr {
     Path(PathBuf),
     /// `@name`: a socket in the Linux abstract namespace (the name without the `@`).
     Abstract(Vec<u8>),
-    /// `vsock:CID:PORT` (systemd 253+). Parsed so that it can be named in errors; sending to it is
-    /// not supported yet.
+    /// `vsock:CID:PORT`, or `vsock-stream:`, `vsock-dgram:`, `vsock-seqpacket:` (systemd 253+,
+    /// VM guests). Recognised so that it can be named; this crate cannot send to it.
     Vsock {
         /// Context id of the peer.
         cid: u32,
@@ -95,6 +95,15 @@ impl NotifyAddr {
     pub fn parse(value: &OsStr) -> Result<Self, EnvError> {
         let err = |reason| EnvError::new(NOTIFY_SOCKET, value, reason);
         let bytes = value.as_bytes();
+        if let Some(rest) = vsock_rest(bytes) {
+            let rest = std::str::from_utf8(rest).map_err(|_| err("vsock address is not UTF-8"))?;
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| err("vsock address must be vsock:CID:PORT"))?;
+            let cid = parse_decimal_u32(cid).ok_or_else(|| err("vsock CID is not a number"))?;
+            let port = parse_decimal_u32(port).ok_or_else(|| err("vsock port is not a number"))?;
+            return Ok(NotifyAddr::Vsock { cid, port });
+        }
         match bytes.first() {
             Some(b'/') => {
                 if bytes.len() > SUN_PATH_MAX {
@@ -111,17 +120,6 @@ impl NotifyAddr {
                     return Err(err("abstract socket name longer than 107 bytes"));
                 }
                 Ok(NotifyAddr::Abstract(name.to_vec()))
-            }
-            Some(_) if bytes.starts_with(b"vsock:") => {
-                let rest = std::str::from_utf8(&bytes[6..])
-                    .map_err(|_| err("vsock address is not UTF-8"))?;
-                let (cid, port) = rest
-                    .split_once(':')
-                    .ok_or_else(|| err("vsock address must be vsock:CID:PORT"))?;
-                let cid = parse_decimal_u32(cid).ok_or_else(|| err("vsock CID is not a number"))?;
-                let port =
-                    parse_decimal_u32(port).ok_or_else(|| err("vsock port is not a number"))?;
-                Ok(NotifyAddr::Vsock { cid, port })
             }
             Some(_) => Err(err(
                 "not an absolute path, an @abstract name or vsock:CID:PORT",
@@ -283,8 +281,8 @@ impl SystemdEnv {
             .transpose()
     }
 
-    /// The watchdog timeout meant for process `pid`, validated exactly as
-    /// `sd_watchdog_enabled(3)` does (`sd-daemon.c`):
+    /// The watchdog timeout meant for process `pid`, validated as `sd_watchdog_enabled(3)` does
+    /// (`sd-daemon.c`; numbers are read strictly, see `parse_decimal_u64`):
     ///
     /// 1. `WATCHDOG_USEC` unset: `Ok(None)`;
     /// 2. it does not parse as a decimal `u64`: error;
@@ -340,7 +338,20 @@ impl SystemdEnv {
     }
 }
 
-/// Strict decimal: ASCII digits only, no sign, no white space, no overflow.
+/// The part after `vsock:`, `vsock-stream:`, `vsock-dgram:` or `vsock-seqpacket:`.
+fn vsock_rest(bytes: &[u8]) -> Option<&[u8]> {
+    [
+        "vsock:",
+        "vsock-stream:",
+        "vsock-dgram:",
+        "vsock-seqpacket:",
+    ]
+    .iter()
+    .find_map(|p| bytes.strip_prefix(p.as_bytes()))
+}
+
+/// Strict decimal: ASCII digits only, no sign, no white space, no overflow. (`safe_atou64()` in
+/// systemd also takes leading white space and a `+`; no manager writes those.)
 pub(crate) fn parse_decimal_u64(s: &OsStr) -> Option<u64> {
     let b = s.as_bytes();
     if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
@@ -469,10 +480,14 @@ mod tests {
                 b"/org/freedesktop/systemd1/notify".to_vec()
             ))
         );
-        assert_eq!(
-            p("vsock:2:1234"),
-            Ok(NotifyAddr::Vsock { cid: 2, port: 1234 })
-        );
+        for v in [
+            "vsock:2:1234",
+            "vsock-stream:2:1234",
+            "vsock-dgram:2:1234",
+            "vsock-seqpacket:2:1234",
+        ] {
+            assert_eq!(p(v), Ok(NotifyAddr::Vsock { cid: 2, port: 1234 }), "{v}");
+        }
         for bad in ["", "relative/path", "@", "vsock:", "vsock:x:1", "vsock:2"] {
             let e = p(bad).unwrap_err();
             assert_eq!(e.var, "NOTIFY_SOCKET", "{bad:?}");

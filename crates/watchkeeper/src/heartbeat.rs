@@ -41,7 +41,9 @@
 //! `O_NOFOLLOW`), `fsync`s it, `rename`s it over the heartbeat file and then `fsync`s the
 //! directory. A reader therefore sees either the previous heartbeat or the new one, never a mix
 //! or a partial file, and after `write` returns the new heartbeat survives a crash or power loss.
-//! If any step fails the temporary file is removed and the previous heartbeat stays intact.
+//! If a step before the rename fails the temporary file is removed and the previous heartbeat
+//! stays intact. `write` blocks on two `fsync`s: async loops call it through `spawn_blocking`
+//! or `block_in_place`.
 //! One writer per heartbeat file: two writers would share the temporary file.
 //!
 //! # Versioning
@@ -419,8 +421,12 @@ impl HeartbeatWriter {
     ///
     /// Fails with [`HeartbeatError::SymlinkRefused`] if a symbolic link has appeared at the path
     /// since [`open`](Self::open), and with [`HeartbeatError::TooLarge`] if the encoded heartbeat
-    /// exceeds [`MAX_FILE_SIZE`]. On any error the previous heartbeat file is left intact and no
-    /// temporary file remains.
+    /// exceeds [`MAX_FILE_SIZE`]. On an error before the rename the previous heartbeat file is
+    /// left intact and no temporary file remains; an error from the final directory `fsync`
+    /// comes after the rename: the new heartbeat is in place but may not survive a power loss.
+    ///
+    /// Two `fsync`s make this a blocking call of a few hundred µs to milliseconds: from async
+    /// code, call it through `tokio::task::spawn_blocking` or `block_in_place`.
     pub fn write(&mut self, hb: &Heartbeat) -> Result<(), HeartbeatError> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, hb).map_err(|source| HeartbeatError::Encode {
@@ -453,10 +459,17 @@ impl HeartbeatWriter {
 
     /// Writes and syncs the temporary file.
     fn write_tmp(&self) -> Result<(), HeartbeatError> {
+        // A leftover temporary file (a crash between open and rename) is removed rather than
+        // reused: O_EXCL guarantees a fresh inode with our mode and owner, and a hard link
+        // planted at that name is never written through.
+        match rustix::fs::unlinkat(&self.dir, &self.tmp_name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(errno_err(&self.path, "remove stale temporary file")(e)),
+        }
         let fd = rustix::fs::openat(
             &self.dir,
             &self.tmp_name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(FILE_MODE),
         )
         .map_err(errno_err(&self.path, "open temporary file"))?;
@@ -884,7 +897,7 @@ mod tests {
             matches!(
                 e,
                 HeartbeatError::Io {
-                    op: "open temporary file",
+                    op: "remove stale temporary file",
                     ..
                 }
             ),

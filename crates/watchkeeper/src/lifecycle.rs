@@ -118,14 +118,22 @@ impl Lifecycle {
 
     /// `READY=1` and `STATUS=` in one datagram.
     pub async fn ready_with_status(&self, status: &str) -> Result<Delivery, LifecycleError> {
-        let st = Notification::status(status)?;
-        let d = self
-            .transition("READY=1", &[Notification::Ready, st], State::Ready, |s| {
-                matches!(s, State::Starting | State::Reloading)
-            })
-            .await?;
+        let d = self.ready_with_transient_status(status).await?;
         self.remember_status(status);
         Ok(d)
+    }
+
+    /// `READY=1` with a status that is not remembered as the service's own (restored after a
+    /// watchdog stall), e.g. a reload failure.
+    pub(crate) async fn ready_with_transient_status(
+        &self,
+        status: &str,
+    ) -> Result<Delivery, LifecycleError> {
+        let st = Notification::status(status)?;
+        self.transition("READY=1", &[Notification::Ready, st], State::Ready, |s| {
+            matches!(s, State::Starting | State::Reloading)
+        })
+        .await
     }
 
     /// `RELOADING=1` + `MONOTONIC_USEC=`: a reload begins. Only when ready.
@@ -154,9 +162,9 @@ impl Lifecycle {
     pub async fn status(&self, text: &str) -> Result<Delivery, LifecycleError> {
         let msg = Notification::status(text)?;
         let _order = self.inner.order.lock().await;
-        let d = self.send_retrying(&[msg]).await?;
+        // Remembered first, so that a watchdog recovery racing with this restores the newer text.
         self.remember_status(text);
-        Ok(d)
+        Ok(self.send_retrying(&[msg]).await?)
     }
 
     /// `EXTEND_TIMEOUT_USEC=`: the manager must hear from us again within `within`

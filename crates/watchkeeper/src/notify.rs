@@ -39,6 +39,13 @@ use crate::env::{EnvError, NotifyAddr, SystemdEnv};
 /// Longest file descriptor name systemd accepts (`FDNAME_MAX`).
 const FDNAME_MAX: usize = 255;
 
+/// The largest datagram the manager reads: systemd ignores whole any message of
+/// `NOTIFY_BUFFER_MAX` (`PIPE_BUF`, 4096) bytes or more.
+pub const DATAGRAM_MAX: usize = 4095;
+
+/// The longest single value accepted, so that a few of them still fit one datagram.
+const LINE_MAX: usize = 2048;
+
 /// The send buffer `sd-daemon.c` asks for (`fd_inc_sndbuf(fd, 8 MiB)`).
 const SNDBUF: usize = 8 * 1024 * 1024;
 
@@ -54,8 +61,9 @@ pub struct InvalidMessage {
     pub reason: &'static str,
 }
 
-/// A single-line value: no newline (it would start a new assignment) and no NUL (the manager
-/// would cut the datagram there).
+/// A single-line value: no newline or carriage return (the manager splits datagrams at both,
+/// so either would start a new assignment) and no NUL (the manager would cut the datagram
+/// there).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line(String);
 
@@ -63,11 +71,18 @@ impl Line {
     /// Checks `value` for use as the value of assignment `field`.
     pub fn new(field: &'static str, value: impl Into<String>) -> Result<Self, InvalidMessage> {
         let value = value.into();
-        if value.contains(['\n', '\0']) {
+        if value.contains(['\n', '\r', '\0']) {
             return Err(InvalidMessage {
                 field,
                 value,
-                reason: "must be a single line without NUL",
+                reason: "must be a single line (no \\n or \\r) without NUL",
+            });
+        }
+        if value.len() > LINE_MAX {
+            return Err(InvalidMessage {
+                field,
+                value: value.chars().take(64).collect::<String>() + "…",
+                reason: "longer than 2048 bytes",
             });
         }
         Ok(Line(value))
@@ -374,6 +389,12 @@ pub enum NotifyError {
     /// Nothing to send.
     #[error("empty notification")]
     Empty,
+    /// The datagram is larger than the manager reads; it would be dropped whole.
+    #[error("notification of {len} bytes exceeds the manager's limit of {DATAGRAM_MAX} bytes")]
+    TooLarge {
+        /// Bytes in the datagram.
+        len: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -482,6 +503,9 @@ impl Notifier {
         let Some(conn) = &self.conn else {
             return Ok(Delivery::NotSupervised);
         };
+        if payload.len() > DATAGRAM_MAX {
+            return Err(NotifyError::TooLarge { len: payload.len() });
+        }
         let result = match conn.send(payload, fds) {
             Err(e) if is_disconnected(&e) => {
                 // The manager re-created its socket (daemon-reexec) or was not there at start:
@@ -528,15 +552,18 @@ impl Notifier {
             return Ok(Delivery::NotSupervised);
         };
         let read_end = self.send_barrier(conn)?;
-        let deadline = Instant::now() + timeout;
+        // No deadline (wait forever) when it does not fit an Instant, e.g. Duration::MAX.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ts = rustix::time::Timespec {
-                tv_sec: left.as_secs() as _,
-                tv_nsec: left.subsec_nanos() as _,
-            };
+            let ts = deadline.map(|d| {
+                let left = d.saturating_duration_since(Instant::now());
+                rustix::time::Timespec {
+                    tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                    tv_nsec: left.subsec_nanos().into(),
+                }
+            });
             let mut fds = [PollFd::new(&read_end, PollFlags::empty())];
-            match rustix::event::poll(&mut fds, Some(&ts)) {
+            match rustix::event::poll(&mut fds, ts.as_ref()) {
                 Ok(0) => {
                     return Err(NotifyError::BarrierTimeout {
                         addr: conn.addr.clone(),
@@ -703,6 +730,11 @@ mod tests {
             Notification::status("a\nREADY=1").unwrap_err().field,
             "STATUS"
         );
+        // PID 1 splits at \r too: "x\rWATCHDOG=trigger" would fire the watchdog.
+        assert!(Notification::status("x\rWATCHDOG=trigger").is_err());
+        assert!(Notification::custom("X_A", "b\rREADY=1").is_err());
+        assert!(Notification::status("s".repeat(2049)).is_err());
+        assert!(Notification::status("s".repeat(2048)).is_ok());
         assert!(Notification::status("nul\0").is_err());
         assert!(Notification::bus_error("x\ny").is_err());
         for bad in ["", "a:b", "tab\t", "é", &"x".repeat(256)] {
@@ -763,6 +795,56 @@ mod tests {
     fn empty_message_is_refused() {
         let n = Notifier::disabled();
         assert!(matches!(n.notify(&[]), Err(NotifyError::Empty)));
+    }
+
+    #[test]
+    fn datagram_beyond_the_managers_buffer_is_refused_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let n = Notifier::connect(NotifyAddr::Path(path)).unwrap();
+        let line = "s".repeat(2048);
+        let msgs = [
+            Notification::status(line.clone()).unwrap(),
+            Notification::custom("X_MORE", line).unwrap(),
+        ];
+        let e = n.notify(&msgs).unwrap_err();
+        assert!(
+            matches!(e, NotifyError::TooLarge { len } if len > DATAGRAM_MAX),
+            "{e}"
+        );
+        assert!(rx.recv(&mut [0u8; 16]).is_err(), "nothing may be sent");
+        // The largest datagram the manager still reads goes through.
+        let payload = vec![b'X'; DATAGRAM_MAX];
+        n.send_payload(&payload, &[]).unwrap();
+        assert_eq!(rx.recv(&mut [0u8; 8192]).unwrap(), DATAGRAM_MAX);
+    }
+
+    #[test]
+    fn barrier_without_a_deadline_does_not_overflow() {
+        let m = tempfile::tempdir().unwrap();
+        let path = m.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::connect(NotifyAddr::Path(path)).unwrap();
+        // The "manager" reads the barrier and closes the fd it carried.
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut cmsg = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            rustix::net::recvmsg(
+                &rx,
+                &mut iov,
+                &mut cmsg,
+                rustix::net::RecvFlags::CMSG_CLOEXEC,
+            )
+            .unwrap();
+            // Dropping the received fds closes the barrier pipe.
+            cmsg.drain().for_each(drop);
+        });
+        assert_eq!(n.barrier(Duration::MAX).unwrap(), Delivery::Sent);
+        reader.join().unwrap();
     }
 
     #[test]

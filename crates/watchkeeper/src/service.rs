@@ -13,6 +13,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -108,12 +109,20 @@ impl ServiceBuilder {
     pub fn build(self) -> Result<Service, ServiceError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| ServiceError::NoRuntime)?;
         let env = self.env.unwrap_or_else(SystemdEnv::from_env);
-        let notifier = Arc::new(Notifier::from_env(&env)?);
+        let notifier = match Notifier::from_env(&env) {
+            Err(NotifyError::Unsupported { addr }) => {
+                tracing::warn!(notify_socket = %addr, "NOTIFY_SOCKET address family not supported; running unsupervised");
+                Notifier::disabled()
+            }
+            other => other?,
+        };
+        let notifier = Arc::new(notifier);
         let watchdog = Watchdog::new(env.watchdog(std::process::id())?);
         let lifecycle = Lifecycle::new(notifier.clone());
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = mpsc::channel(1);
         let control = Control {
+            stop_started: Arc::new(AtomicBool::new(false)),
             lifecycle: lifecycle.clone(),
             watchdog: watchdog.clone(),
             shutdown: shutdown.clone(),
@@ -145,7 +154,17 @@ impl ServiceBuilder {
             ))
         };
 
+        // When the Service is dropped its handlers go, but signal-hook leaves the process
+        // ignoring these signals; this flag brings back their default action (terminate).
+        let restore_defaults = Arc::new(AtomicBool::new(false));
         let signals = if self.signals {
+            for sig in [SIGTERM, SIGINT, SIGHUP] {
+                if let Err(e) =
+                    signal_hook::flag::register_conditional_default(sig, restore_defaults.clone())
+                {
+                    tracing::warn!(signal = sig, error = %e, "cannot arrange the default action after drop");
+                }
+            }
             match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
                 Ok(signals) => {
                     let handle = signals.handle();
@@ -167,6 +186,7 @@ impl ServiceBuilder {
             control,
             watchdog_keeper: keeper,
             signals,
+            restore_defaults,
             reload_rx,
             tracker: TaskTracker::new(),
             stop_timeout: self.stop_timeout,
@@ -175,9 +195,37 @@ impl ServiceBuilder {
     }
 }
 
+/// A cloneable handle to ask a running [`Service`] to reload or stop, from anywhere (an admin
+/// endpoint, a task that hit a fatal error), as `SIGHUP` and `SIGTERM` would.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    control: Control,
+}
+
+impl Controller {
+    /// A cloneable handle for reload and stop requests, usable while [`Service::run`] runs.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            control: self.control.clone(),
+        }
+    }
+
+    /// Starts a graceful stop, as `SIGTERM` would.
+    pub async fn request_shutdown(&self) {
+        self.control.shutdown("stop requested").await;
+    }
+
+    /// Starts a reload, as `SIGHUP` would.
+    pub async fn request_reload(&self) {
+        self.control.reload().await;
+    }
+}
+
 /// What the signal task and the public request methods share.
 #[derive(Debug, Clone)]
 struct Control {
+    /// Set by the first stop request (signal, request, or the drain after a direct cancel).
+    stop_started: Arc<AtomicBool>,
     lifecycle: Lifecycle,
     watchdog: Watchdog,
     shutdown: CancellationToken,
@@ -198,14 +246,28 @@ impl Control {
     }
 
     async fn shutdown(&self, why: &str) {
-        if self.lifecycle.state() == State::Stopping {
+        if self.stop_started.swap(true, Ordering::SeqCst) {
             tracing::info!("{why} while already stopping; the stop continues within its bound");
             return;
         }
         tracing::info!("{why}: stopping");
-        self.watchdog.set_stopping();
-        if let Err(e) = self.lifecycle.stopping().await {
-            tracing::debug!(error = %e, "STOPPING=1 not sent");
+        // The service may have sent STOPPING=1 itself through its Lifecycle; it is final, so
+        // the stop goes on either way.
+        let told = match self.lifecycle.stopping().await {
+            Ok(_)
+            | Err(LifecycleError::OutOfOrder {
+                state: State::Stopping,
+                ..
+            }) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "STOPPING=1 not delivered; the watchdog stays armed");
+                false
+            }
+        };
+        // Pings end only once the manager knows we are stopping: until then it still enforces
+        // the watchdog.
+        if told {
+            self.watchdog.set_stopping();
         }
         self.shutdown.cancel();
     }
@@ -251,6 +313,7 @@ pub struct Service {
     control: Control,
     watchdog_keeper: JoinHandle<()>,
     signals: Option<(signal_hook_tokio::Handle, JoinHandle<()>)>,
+    restore_defaults: Arc<AtomicBool>,
     reload_rx: mpsc::Receiver<()>,
     tracker: TaskTracker,
     stop_timeout: Duration,
@@ -338,14 +401,21 @@ impl Service {
     }
 
     /// Changes the watchdog timeout at run time (`WATCHDOG_USEC=`); the keeper follows.
+    /// `Duration::ZERO` turns the watchdog off (`WATCHDOG_USEC=0`).
     pub async fn set_watchdog_timeout(&self, timeout: Duration) -> Result<(), ServiceError> {
-        let t = timeout.max(Duration::from_micros(1));
         self.control
             .lifecycle
-            .send_retrying(&[Notification::WatchdogUsec(crate::notify::usec(t))])
+            .send_retrying(&[Notification::WatchdogUsec(crate::notify::usec(timeout))])
             .await?;
-        self.control.watchdog.set_timeout(t);
+        self.control.watchdog.set_timeout(timeout);
         Ok(())
+    }
+
+    /// A cloneable handle for reload and stop requests, usable while [`Service::run`] runs.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            control: self.control.clone(),
+        }
     }
 
     /// Starts a graceful stop, as `SIGTERM` would.
@@ -384,14 +454,23 @@ impl Service {
                     let sent = match outcome {
                         Ok(()) => {
                             tracing::info!("reloaded");
-                            lc.ready().await
+                            // Also replaces a "reload failed" status from an earlier attempt.
+                            match lc.last_status() {
+                                Some(status) => lc.ready_with_status(&status).await,
+                                None => lc.ready().await,
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "reload failed; keeping the previous configuration");
                             // STATUS= is one line: an error that spans several must not cost
                             // the READY=1 that ends the reload.
-                            let one_line = e.replace(['\n', '\0'], " ");
-                            lc.ready_with_status(&format!("reload failed: {one_line}")).await
+                            let one_line: String = e
+                                .replace(['\n', '\r', '\0'], " ")
+                                .chars()
+                                .take(512)
+                                .collect();
+                            lc.ready_with_transient_status(&format!("reload failed: {one_line}"))
+                                .await
                         }
                     };
                     if let Err(e) = sent {
@@ -407,7 +486,7 @@ impl Service {
         let started = Instant::now();
         let deadline = started + self.stop_timeout;
         let lc = self.control.lifecycle.clone();
-        if lc.state() != State::Stopping {
+        if !self.control.stop_started.load(Ordering::SeqCst) {
             // Stopped through the token directly rather than a signal or request.
             self.control.shutdown("shutdown token cancelled").await;
         }
@@ -423,13 +502,14 @@ impl Service {
                 .inspect_err(|e| tracing::debug!(error = %e, "EXTEND_TIMEOUT_USEC not sent"));
             let tick = Instant::now() + self.extend_interval;
             tokio::select! {
+                biased;
                 () = &mut wait => {
                     let drained_in = started.elapsed();
                     tracing::info!(?drained_in, "stopped gracefully");
                     return Ok(StopReport { drained_in });
                 }
                 () = tokio::time::sleep_until(deadline.min(tick)) => {
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= deadline && !self.tracker.is_empty() {
                         let still_running = self.tracker.len();
                         tracing::error!(still_running, timeout = ?self.stop_timeout, "graceful stop timed out");
                         return Err(ServiceError::StopTimeout {
@@ -449,6 +529,7 @@ impl Drop for Service {
         if let Some((handle, task)) = &self.signals {
             handle.close();
             task.abort();
+            self.restore_defaults.store(true, Ordering::SeqCst);
         }
     }
 }

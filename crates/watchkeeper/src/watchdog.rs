@@ -125,11 +125,12 @@ impl Watchdog {
         }
     }
 
-    /// Records a new timeout (after `WATCHDOG_USEC=` was sent) and restarts the keeper's timer.
+    /// Records a new timeout (after `WATCHDOG_USEC=` was sent) and restarts the keeper's timer;
+    /// `Duration::ZERO` means no watchdog.
     pub fn set_timeout(&self, timeout: Duration) {
         self.shared
             .timeout_usec
-            .store(usec(timeout).max(1), Ordering::Relaxed);
+            .store(usec(timeout), Ordering::Relaxed);
         self.shared.wake.notify_one();
     }
 
@@ -138,16 +139,29 @@ impl Watchdog {
         self.shared.loops().iter().map(|l| l.name.clone()).collect()
     }
 
-    /// Evaluates every loop and resets their progress marks: the keeper's decision, exposed so
-    /// that it can be tested and driven by hand.
-    pub fn evaluate(&self) -> Verdict {
+    /// What the keeper would decide now, without consuming the loops' progress marks (safe to
+    /// call from a health endpoint).
+    pub fn peek(&self) -> Verdict {
+        self.judge(false)
+    }
+
+    /// Evaluates every loop and resets their progress marks: the keeper's decision.
+    pub(crate) fn evaluate(&self) -> Verdict {
+        self.judge(true)
+    }
+
+    fn judge(&self, consume: bool) -> Verdict {
         let now = self.shared.now_ms();
         let stalled: Vec<String> = self
             .shared
             .loops()
             .iter()
             .filter_map(|l| {
-                let advanced = l.advanced.swap(false, Ordering::Relaxed);
+                let advanced = if consume {
+                    l.advanced.swap(false, Ordering::Relaxed)
+                } else {
+                    l.advanced.load(Ordering::Relaxed)
+                };
                 if l.dead.load(Ordering::Relaxed) {
                     return Some(format!("{} (panicked)", l.name));
                 }
@@ -191,25 +205,25 @@ impl Watchdog {
         let mut period = self.timeout().map(|t| t / 2);
         let mut next = period.map(|p| Instant::now() + p);
         let mut pending_ping = false;
+        let mut pending_trigger: Option<String> = None;
         let mut stalled: Option<Vec<String>> = None;
         loop {
             if shared.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            let retry_at = pending_ping.then(|| Instant::now() + RETRY);
+            let retry_at =
+                (pending_ping || pending_trigger.is_some()).then(|| Instant::now() + RETRY);
             let wake_at = match (next, retry_at) {
                 (Some(n), Some(r)) => Some(n.min(r)),
                 (n, r) => n.or(r),
             };
             tokio::select! {
+                // Wake-ups first: a stop request must win over a ping due at the same time.
+                biased;
                 () = shared.wake.notified() => {
                     if let Some(reason) = self.take_trigger() {
                         tracing::error!(%reason, "watchdog trigger requested");
-                        let status = Notification::status(format!("watchdog trigger: {reason}"))
-                            .unwrap_or(Notification::WatchdogTrigger);
-                        if let Err(e) = send(&[status, Notification::WatchdogTrigger]) {
-                            tracing::error!(error = %e, "could not send WATCHDOG=trigger");
-                        }
+                        pending_trigger = Some(reason);
                     }
                     let new_period = self.timeout().map(|t| t / 2);
                     if new_period != period {
@@ -244,6 +258,9 @@ impl Watchdog {
                             }
                         }
                     }
+                    if pending_ping && shared.stopping.load(Ordering::Relaxed) {
+                        return;
+                    }
                     if pending_ping {
                         match send(&[Notification::Watchdog]) {
                             Ok(()) => pending_ping = false,
@@ -251,6 +268,19 @@ impl Watchdog {
                             Err(NotifyError::QueueFull { .. }) => {}
                             Err(_) => pending_ping = false,
                         }
+                    }
+                }
+            }
+            if let Some(reason) = &pending_trigger {
+                let status = Notification::status(format!("watchdog trigger: {reason}"))
+                    .unwrap_or(Notification::WatchdogTrigger);
+                match send(&[status, Notification::WatchdogTrigger]) {
+                    Ok(()) => pending_trigger = None,
+                    // Kept and retried: a full queue must not cost the restart.
+                    Err(NotifyError::QueueFull { .. }) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not send WATCHDOG=trigger");
+                        pending_trigger = None;
                     }
                 }
             }
@@ -323,7 +353,7 @@ impl Progress {
             .trigger
             .lock()
             .unwrap_or_else(PoisonError::into_inner) =
-            Some(format!("{}: {reason}", self.state.name));
+            Some(format!("{}: {reason}", self.state.name).replace(['\n', '\r', '\0'], " "));
         self.shared.wake.notify_one();
     }
 }
@@ -376,6 +406,18 @@ mod tests {
             wd.evaluate(),
             Verdict::Stalled(vec!["a".into(), "b".into()])
         );
+    }
+
+    #[test]
+    fn peek_does_not_consume_progress() {
+        let wd = Watchdog::new(None);
+        let a = wd.register("a");
+        wd.evaluate();
+        a.tick();
+        assert_eq!(wd.peek(), Verdict::Healthy);
+        assert_eq!(wd.peek(), Verdict::Healthy);
+        assert_eq!(wd.evaluate(), Verdict::Healthy, "the tick is still there");
+        assert_eq!(wd.peek(), Verdict::Stalled(vec!["a".into()]));
     }
 
     #[test]
