@@ -185,7 +185,7 @@ async fn full_queue_coalesces_pending_pings() {
     // Three windows pass while the queue stays full: each ping is refused and kept pending.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     manager.resume();
-    // The receiver may have taken one datagram after `pause`; wait until every filler is in.
+    // Wait until every filler is in.
     manager
         .wait_for("fillers", WAIT, |r| {
             r.get("X_FILL").is_some() && r.seq + 1 >= queued

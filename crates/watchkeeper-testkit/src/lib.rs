@@ -160,6 +160,8 @@ impl fmt::Display for Log {
 struct State {
     records: Vec<Record>,
     paused: bool,
+    /// The receiver saw `paused` and is not reading.
+    parked: bool,
     dropped: usize,
 }
 
@@ -302,9 +304,21 @@ impl FakeManager {
     }
 
     /// Stops reading the socket, so that its queue fills up as a busy PID 1's does
-    /// (`net.unix.max_dgram_qlen`).
+    /// (`net.unix.max_dgram_qlen`). Returns once the receiver has stopped: nothing sent after
+    /// this is read until [`FakeManager::resume`].
     pub fn pause(&self) {
-        self.shared.lock().paused = true;
+        let mut state = self.shared.lock();
+        state.paused = true;
+        // The receiver may be inside a receive (it wakes up every 20 ms); wait until it parks.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !state.parked && Instant::now() < deadline {
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, Duration::from_millis(20))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Reads the socket again after [`FakeManager::pause`].
@@ -513,12 +527,17 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
         {
             let mut state = shared.lock();
             while state.paused && !shared.stop.load(Ordering::Relaxed) {
+                if !state.parked {
+                    state.parked = true;
+                    shared.changed.notify_all();
+                }
                 state = shared
                     .changed
                     .wait_timeout(state, Duration::from_millis(20))
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
+            state.parked = false;
         }
         let mut cmsg = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [io::IoSliceMut::new(&mut buf)];
@@ -720,7 +739,6 @@ mod tests {
     #[test]
     fn paused_manager_fills_its_queue() {
         let m = FakeManager::start().unwrap();
-        // The receiver takes at most one more datagram after this, then stops reading.
         m.pause();
         let n = Notifier::from_env(&m.env()).unwrap();
         let mut full = None;
@@ -731,6 +749,7 @@ mod tests {
             }
         }
         let (sent, e) = full.expect("queue never filled");
+        assert_eq!(m.len(), 0, "nothing is read while paused");
         assert!(
             matches!(e, watchkeeper::NotifyError::QueueFull { .. }),
             "{e}"
