@@ -1191,17 +1191,23 @@ mod tests {
         let (_d, s) = open();
         let shared = SharedStore::new(s);
         let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let blocker = {
             let shared = shared.clone();
             tokio::spawn(async move {
                 shared
                     .call("block", move |_| {
+                        let _ = started_tx.send(());
                         let _ = wait.recv();
                         Ok(())
                     })
                     .await
             })
         };
+        // The blocker holds the store before the submit is issued.
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the blocking call never started");
         let submit = {
             let shared = shared.clone();
             tokio::spawn(async move { shared.call("submit", |s| s.submit(&json!("x"), T0)).await })

@@ -123,6 +123,7 @@ fn stale_heartbeat_while_the_pings_continue() {
         "{stderr}"
     );
     assert_eq!(read_hb(&scene.heartbeat()), frozen);
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }
 
@@ -162,5 +163,6 @@ fn slow_start_extends_the_start_timeout_before_ready() {
     worker.signal(Signal::TERM);
     let (status, stderr) = worker.wait();
     assert!(status.success(), "{status}\n{stderr}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }

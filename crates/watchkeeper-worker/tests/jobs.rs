@@ -32,6 +32,7 @@ fn stop_cleanly(manager: &FakeManager, worker: Worker) -> String {
     worker.signal(Signal::TERM);
     let (status, stderr) = worker.wait();
     assert!(status.success(), "{status}\n{stderr}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
     stderr
 }
@@ -412,6 +413,7 @@ fn sigterm_releases_a_job_still_running_after_the_grace_period() {
     let (status, stderr) = worker.wait();
     assert!(status.success(), "{status}\n{stderr}");
     wait_dead(job_pid);
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
     assert_eq!(
         count(&broker.received(), |r| is_complete(r, 9).is_some()),
@@ -455,6 +457,7 @@ fn sigterm_lets_a_job_finish_within_the_grace_period() {
     assert_eq!(is_complete(&done, 10), Some(Some(0)));
     let (status, stderr) = worker.wait();
     assert!(status.success(), "{status}\n{stderr}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
     let received = broker.received();
     assert_eq!(
