@@ -179,3 +179,48 @@ async fn a_vsock_notify_socket_runs_unsupervised_instead_of_failing() {
         watchkeeper::Delivery::NotSupervised
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_reload_waits_for_the_outcome() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    service.lifecycle().ready_with_status("v1").await.unwrap();
+    let controller = service.controller();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let run = tokio::spawn(service.run(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 1 {
+                Err("broken file".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    }));
+    controller.reload().await.unwrap();
+    // RELOADING=1, then READY=1 with the service's status.
+    let records = manager
+        .wait_for("READY=1 after RELOADING=1", WAIT, |r| {
+            r.seq == 2 && r.has("READY", "1")
+        })
+        .unwrap();
+    assert_eq!(records.get("STATUS"), Some("v1"));
+    assert!(manager.records()[1].get("MONOTONIC_USEC").is_some());
+    assert_eq!(
+        controller.reload().await,
+        Err(watchkeeper::ReloadError::Failed("broken file".into()))
+    );
+    controller.request_shutdown().await;
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        controller.reload().await,
+        Err(watchkeeper::ReloadError::Stopping)
+    );
+    manager.wait_stopping(WAIT).unwrap();
+    manager.check_stopped_cleanly().unwrap();
+}

@@ -98,11 +98,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let (counts_tx, counts_rx) = watch::channel(stats.clone());
     let (note_tx, note_rx) = watch::channel(None::<String>);
 
-    let broker = Arc::new(Broker::new(
-        store.clone(),
-        config_rx.clone(),
-        opts.allow_uids.clone(),
-    ));
+    let broker = Arc::new(
+        Broker::new(store.clone(), config_rx.clone(), opts.allow_uids.clone())
+            .with_controller(service.controller()),
+    );
     service.spawn(server::accept_loop(
         listener,
         broker,

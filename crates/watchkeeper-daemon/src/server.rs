@@ -24,7 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use watchkeeper::Progress;
+use watchkeeper::{Controller, Progress};
 use watchkeeper_jobs::{MAX_LINE, Request, Response};
 
 use crate::config::Config;
@@ -51,6 +51,7 @@ pub struct Broker {
     config: watch::Receiver<Config>,
     extra_uids: Vec<u32>,
     own_uid: u32,
+    controller: Option<Controller>,
 }
 
 impl Broker {
@@ -63,7 +64,15 @@ impl Broker {
             config,
             extra_uids,
             own_uid: rustix::process::getuid().as_raw(),
+            controller: None,
         }
+    }
+
+    /// Serves `reload` requests through `controller`, answering once the reload is over.
+    #[must_use]
+    pub fn with_controller(mut self, controller: Controller) -> Self {
+        self.controller = Some(controller);
+        self
     }
 
     /// Replaces the daemon's own uid in the access rule (for tests that cannot change uid).
@@ -183,6 +192,17 @@ impl Broker {
                 Response::Done
             }
             Request::Stats => Response::Stats(store.call("stats", |s| s.stats()).await?),
+            Request::Reload => match &self.controller {
+                Some(controller) => match controller.reload().await {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error {
+                        error: e.to_string(),
+                    },
+                },
+                None => Response::Error {
+                    error: "reload is not available here".into(),
+                },
+            },
         })
     }
 }
@@ -199,6 +219,7 @@ fn describe(request: &Request) -> String {
         Request::Quarantine { id, worker, .. } => format!("quarantine job {id} by {worker}"),
         Request::Release { id, worker } => format!("release job {id} by {worker}"),
         Request::Stats => "stats".into(),
+        Request::Reload => "reload".into(),
     }
 }
 

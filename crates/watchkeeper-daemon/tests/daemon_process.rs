@@ -232,6 +232,7 @@ fn ready_only_once_the_socket_answers_with_counts_in_status_then_sigterm_stops_c
     manager.wait_stopping(DEADLINE).unwrap();
     let (status, log) = daemon.wait();
     assert!(status.success(), "{status}\n{log}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
     assert!(
         matches!(
@@ -342,6 +343,7 @@ fn sighup_with_a_new_config_applies_the_new_lease_to_the_next_claim() {
     let (status, log) = daemon.wait();
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("configuration reloaded"), "{log}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
     let store = Store::open_in(&dirs.state()).unwrap();
     let until = store.job(job.id).unwrap().unwrap().lease_until_ms.unwrap();
@@ -399,6 +401,7 @@ fn sighup_with_a_broken_config_reports_it_and_keeps_the_old_one() {
     daemon.signal(Signal::TERM);
     let (status, log) = daemon.wait();
     assert!(status.success(), "{status}\n{log}");
+    manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }
 
@@ -577,4 +580,51 @@ fn a_broken_config_at_start_exits_6_naming_the_file() {
         })
         .unwrap();
     assert!(failed.get("STATUS").unwrap().contains(&config));
+}
+
+#[test]
+fn reload_request_answers_once_the_reload_is_over_and_reports_a_refusal() {
+    let dirs = Dirs::new();
+    dirs.write_config("lease_secs = 30\n");
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    manager.wait_ready(DEADLINE).unwrap();
+    let rt = runtime();
+    let mut client = rt.block_on(Client::connect(dirs.socket())).unwrap();
+    rt.block_on(client.submit(json!(1))).unwrap();
+
+    dirs.write_config("lease_secs = 9\n");
+    let since = manager.len();
+    rt.block_on(client.reload()).unwrap();
+    // Answered after READY=1 went out: a marker sent now lands after it.
+    let marker = watchkeeper::Notifier::from_env(&manager.env()).unwrap();
+    marker
+        .notify(&[watchkeeper::Notification::custom("X_MARK", "after").unwrap()])
+        .unwrap();
+    let mark = manager
+        .wait_for("marker", DEADLINE, |r| r.get("X_MARK") == Some("after"))
+        .unwrap();
+    let seq = |what: &str, pred: &dyn Fn(&watchkeeper_testkit::Record) -> bool| {
+        manager.records()[since..mark.seq]
+            .iter()
+            .find(|r| pred(r))
+            .unwrap_or_else(|| panic!("no {what} before the answer: {:?}", manager.records()))
+            .seq
+    };
+    let reloading = seq("RELOADING=1", &|r| r.has("RELOADING", "1"));
+    let ready = seq("READY=1", &|r| r.has("READY", "1"));
+    assert!(reloading < ready);
+    let job = rt.block_on(client.claim("w")).unwrap().unwrap();
+    assert_eq!(job.lease_secs, 9);
+
+    dirs.write_config("lease_secs = 0\n");
+    let e = rt.block_on(client.reload()).unwrap_err();
+    assert!(e.to_string().contains("reload failed"), "{e}");
+    assert!(e.to_string().contains("lease_secs"), "{e}");
+
+    daemon.signal(Signal::TERM);
+    let (status, log) = daemon.wait();
+    assert!(status.success(), "{status}\n{log}");
+    manager.wait_stopping(DEADLINE).unwrap();
+    manager.check_stopped_cleanly().unwrap();
 }

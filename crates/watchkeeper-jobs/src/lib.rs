@@ -96,6 +96,9 @@ pub enum Request {
     },
     /// Counts by state.
     Stats,
+    /// Re-read the daemon's configuration, answering once the reload is over (so that
+    /// `ExecReload=` can wait for it): [`Response::Done`], or an error saying why it failed.
+    Reload,
 }
 
 /// A response, one JSON object per line, tagged by `result`.
@@ -117,7 +120,8 @@ pub enum Response {
         /// The claimed job.
         job: Option<ClaimedJob>,
     },
-    /// Answer to renew, complete, deny, quarantine and release: durably recorded.
+    /// Answer to renew, complete, deny, quarantine and release (durably recorded), and to
+    /// reload (the new configuration is in effect).
     Done,
     /// Answer to [`Request::Stats`].
     Stats(Stats),
@@ -362,6 +366,11 @@ impl Client {
             Response::Done => Ok(()),
             r => Err(self.unexpected(r)),
         }
+    }
+
+    /// `reload`: returns once the daemon has reloaded.
+    pub async fn reload(&mut self) -> Result<(), ClientError> {
+        self.report(&Request::Reload).await
     }
 
     /// `stats`.

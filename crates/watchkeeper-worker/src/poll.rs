@@ -789,6 +789,7 @@ fn op(req: &Request) -> &'static str {
         Request::Quarantine { .. } => "quarantine",
         Request::Release { .. } => "release",
         Request::Stats => "stats",
+        Request::Reload => "reload",
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -120,7 +120,7 @@ impl ServiceBuilder {
         let watchdog = Watchdog::new(env.watchdog(std::process::id())?);
         let lifecycle = Lifecycle::new(notifier.clone());
         let shutdown = CancellationToken::new();
-        let (reload_tx, reload_rx) = mpsc::channel(1);
+        let (reload_tx, reload_rx) = mpsc::channel(4);
         let control = Control {
             stop_started: Arc::new(AtomicBool::new(false)),
             lifecycle: lifecycle.clone(),
@@ -219,6 +219,17 @@ impl Controller {
     pub async fn request_reload(&self) {
         self.control.reload().await;
     }
+
+    /// Reloads and waits for the outcome: `RELOADING=1`, the reload callback, `READY=1`.
+    ///
+    /// This is how to make `systemctl reload` synchronous on systemd before 253 (no
+    /// `Type=notify-reload`): let `ExecReload=` run a command that asks the service, e.g. over
+    /// its control socket, to call this and answers when it returns. With
+    /// `ExecReload=kill -HUP $MAINPID`, systemd 252 waits for `READY=1` only if `RELOADING=1`
+    /// arrives before `kill` exits, which a loaded machine does not guarantee.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        self.control.reload_and_wait().await
+    }
 }
 
 /// What the signal task and the public request methods share.
@@ -229,7 +240,7 @@ struct Control {
     lifecycle: Lifecycle,
     watchdog: Watchdog,
     shutdown: CancellationToken,
-    reload_tx: mpsc::Sender<()>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
 }
 
 impl Control {
@@ -275,12 +286,50 @@ impl Control {
     async fn reload(&self) {
         match self.lifecycle.reloading().await {
             Ok(_) => {
-                // Capacity 1: a reload already queued covers this one.
-                let _ = self.reload_tx.try_send(());
+                // When the queue is full, a reload already queued covers this one.
+                let _ = self.reload_tx.try_send(ReloadRequest::Signalled);
             }
             Err(e) => tracing::warn!(error = %e, "reload request ignored"),
         }
     }
+
+    async fn reload_and_wait(&self) -> Result<(), ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        if self.shutdown.is_cancelled()
+            || self
+                .reload_tx
+                .send(ReloadRequest::Awaited(tx))
+                .await
+                .is_err()
+        {
+            return Err(ReloadError::Stopping);
+        }
+        rx.await.map_err(|_| ReloadError::Stopping)?
+    }
+}
+
+/// A queued reload.
+#[derive(Debug)]
+enum ReloadRequest {
+    /// From `SIGHUP` or [`Controller::request_reload`]: `RELOADING=1` was already sent.
+    Signalled,
+    /// From [`Controller::reload`]: `run` sends `RELOADING=1` and reports the outcome.
+    Awaited(oneshot::Sender<Result<(), ReloadError>>),
+}
+
+/// A reload that did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The reload callback failed; the previous configuration stays.
+    #[error("reload failed: {0}")]
+    Failed(String),
+    /// `RELOADING=1` was refused (e.g. the service is not ready yet).
+    #[error("reload refused: {0}")]
+    Refused(String),
+    /// The service is stopping (or stopped) and will not reload.
+    #[error("the service is stopping")]
+    Stopping,
 }
 
 /// A supervised service: lifecycle, watchdog, signals and graceful stop.
@@ -314,7 +363,7 @@ pub struct Service {
     watchdog_keeper: JoinHandle<()>,
     signals: Option<(signal_hook_tokio::Handle, JoinHandle<()>)>,
     restore_defaults: Arc<AtomicBool>,
-    reload_rx: mpsc::Receiver<()>,
+    reload_rx: mpsc::Receiver<ReloadRequest>,
     tracker: TaskTracker,
     stop_timeout: Duration,
     extend_interval: Duration,
@@ -445,13 +494,27 @@ impl Service {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(()) = self.reload_rx.recv() => {
+                Some(request) = self.reload_rx.recv() => {
+                    let reply = match request {
+                        ReloadRequest::Signalled => None,
+                        ReloadRequest::Awaited(reply) => {
+                            match self.control.lifecycle.reloading().await {
+                                // A signal's RELOADING=1 is already out: this reload covers it.
+                                Ok(_) | Err(LifecycleError::OutOfOrder { state: State::Reloading, .. }) => {}
+                                Err(e) => {
+                                    let _ = reply.send(Err(ReloadError::Refused(e.to_string())));
+                                    continue;
+                                }
+                            }
+                            Some(reply)
+                        }
+                    };
                     let outcome = tokio::select! {
                         r = on_reload() => r.map_err(|e| e.to_string()),
                         () = shutdown.cancelled() => break,
                     };
                     let lc = &self.control.lifecycle;
-                    let sent = match outcome {
+                    let sent = match &outcome {
                         Ok(()) => {
                             tracing::info!("reloaded");
                             // Also replaces a "reload failed" status from an earlier attempt.
@@ -475,6 +538,9 @@ impl Service {
                     };
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "READY=1 after reload not sent");
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(outcome.map_err(ReloadError::Failed));
                     }
                 }
             }

@@ -40,9 +40,18 @@ enum Command {
     },
     /// Print the counts by state as JSON.
     Stats,
+    /// Make the daemon re-read its configuration; returns once it has (for `ExecReload=`).
+    Reload,
 }
 
 async fn run(opts: Options) -> anyhow::Result<()> {
+    // Bad input is refused before connecting.
+    let raw_job: Option<serde_json::Value> = match &opts.command {
+        Command::SubmitJson { json } => {
+            Some(serde_json::from_str(json).context("the job is not JSON")?)
+        }
+        _ => None,
+    };
     let mut client = Client::connect(&opts.socket).await?;
     match opts.command {
         Command::Ping => println!("{}", client.ping().await?),
@@ -56,11 +65,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             };
             println!("{}", client.submit(spec.to_value()).await?);
         }
-        Command::SubmitJson { json } => {
-            let value = serde_json::from_str(&json).context("the job is not JSON")?;
+        Command::SubmitJson { .. } => {
+            let value = raw_job.unwrap_or_default();
             println!("{}", client.submit(value).await?);
         }
         Command::Stats => println!("{}", serde_json::to_string(&client.stats().await?)?),
+        Command::Reload => client.reload().await?,
     }
     Ok(())
 }

@@ -70,7 +70,7 @@ impl BrokerShared {
             | Request::Deny { .. }
             | Request::Quarantine { .. }
             | Request::Release { .. } => Response::Done,
-            Request::Submit { .. } | Request::Stats => Response::Error {
+            Request::Submit { .. } | Request::Stats | Request::Reload => Response::Error {
                 error: "not supported by the fake broker".into(),
             },
         };
