@@ -92,11 +92,15 @@ fn shipped_units_verify_and_system_units_are_hardened() -> Result<()> {
         .collect::<Vec<_>>()
         .join("; ");
     let script = format!(
+        // The checkout (and so the binaries and units) may itself live under /tmp: bind the
+        // binaries and copy the units (byte for byte) before /tmp is covered.
         "set -e
-         mount -t tmpfs -o mode=0755 tmpfs /run/systemd
-         mount -t tmpfs -o mode=1777 tmpfs /tmp
          mount --bind '{}' /usr/local/bin
-         cd '{}'
+         mount -t tmpfs -o mode=0755 tmpfs /run/systemd
+         mkdir /run/systemd/wk-units
+         cp '{}'/* /run/systemd/wk-units/
+         mount -t tmpfs -o mode=1777 tmpfs /tmp
+         cd /run/systemd/wk-units
          set +e
          systemd-analyze verify --man=no {units}
          echo \">>> verify rc=$?\" >&2
