@@ -11,14 +11,19 @@ use watchkeeper_testkit::FakeManager;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
-    let manager = FakeManager::start().unwrap();
-    let service = Service::builder("t")
+/// A Service pointed at `manager`, without signal handlers (driven through its requests).
+fn unsignalled(manager: &FakeManager) -> Service {
+    Service::builder("t")
         .env(manager.env())
         .handle_signals(false)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
+    let manager = FakeManager::start().unwrap();
+    let service = unsignalled(&manager);
     service.lifecycle().ready().await.unwrap();
     let lifecycle = service.lifecycle();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -52,11 +57,7 @@ async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_waits_for_tasks_spawned_on_the_tracker_by_other_tasks() {
     let manager = FakeManager::start().unwrap();
-    let service = Service::builder("t")
-        .env(manager.env())
-        .handle_signals(false)
-        .build()
-        .unwrap();
+    let service = unsignalled(&manager);
     let tracker = service.task_tracker();
     let stop = service.shutdown_token();
     let finished = Arc::new(AtomicUsize::new(0));
@@ -89,11 +90,7 @@ async fn stop_waits_for_tasks_spawned_on_the_tracker_by_other_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successful_reload_replaces_an_earlier_reload_failure_in_status() {
     let manager = FakeManager::start().unwrap();
-    let service = Service::builder("t")
-        .env(manager.env())
-        .handle_signals(false)
-        .build()
-        .unwrap();
+    let service = unsignalled(&manager);
     service
         .lifecycle()
         .ready_with_status("serving v1")
@@ -136,11 +133,7 @@ async fn a_successful_reload_replaces_an_earlier_reload_failure_in_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_request_after_the_service_sent_stopping_itself_still_stops() {
     let manager = FakeManager::start().unwrap();
-    let service = Service::builder("t")
-        .env(manager.env())
-        .handle_signals(false)
-        .build()
-        .unwrap();
+    let service = unsignalled(&manager);
     service.lifecycle().ready().await.unwrap();
     service.lifecycle().stopping().await.unwrap();
     service.request_shutdown().await;
@@ -183,11 +176,7 @@ async fn a_vsock_notify_socket_runs_unsupervised_instead_of_failing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_reload_waits_for_the_outcome() {
     let manager = FakeManager::start().unwrap();
-    let service = Service::builder("t")
-        .env(manager.env())
-        .handle_signals(false)
-        .build()
-        .unwrap();
+    let service = unsignalled(&manager);
     service.lifecycle().ready_with_status("v1").await.unwrap();
     let controller = service.controller();
     let calls = Arc::new(AtomicUsize::new(0));

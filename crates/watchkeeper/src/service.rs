@@ -203,13 +203,6 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A cloneable handle for reload and stop requests, usable while [`Service::run`] runs.
-    pub fn controller(&self) -> Controller {
-        Controller {
-            control: self.control.clone(),
-        }
-    }
-
     /// Starts a graceful stop, as `SIGTERM` would.
     pub async fn request_shutdown(&self) {
         self.control.shutdown("stop requested").await;
