@@ -213,3 +213,47 @@ async fn controller_reload_waits_for_the_outcome() {
     manager.wait_stopping(WAIT).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_still_queued_when_the_stop_begins_is_answered_at_once() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .stop_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    service.lifecycle().ready().await.unwrap();
+    let controller = service.controller();
+    // A tracked task (say, a connection) waits for a reload's answer, as the daemon's reload
+    // request does; the stop waits for that task.
+    let (queued_tx, queued) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let controller = controller.clone();
+        service.spawn(async move {
+            let mut reload = Box::pin(controller.reload());
+            // Polled once: the request is queued, then it waits for its answer.
+            tokio::select! {
+                biased;
+                r = &mut reload => return r,
+                () = std::future::ready(()) => {}
+            }
+            let _ = queued_tx.send(());
+            reload.await
+        })
+    };
+    queued.await.unwrap();
+    // The stop begins before run() takes the reload from its queue.
+    controller.request_shutdown().await;
+    let report = tokio::time::timeout(WAIT, service.run(watchkeeper::service::no_reload))
+        .await
+        .unwrap();
+    assert!(
+        report.is_ok(),
+        "the stop waited for the queued reload: {report:?}"
+    );
+    assert_eq!(
+        waiter.await.unwrap(),
+        Err(watchkeeper::ReloadError::Stopping)
+    );
+}

@@ -541,7 +541,11 @@ impl Service {
         self.drain().await
     }
 
-    async fn drain(self) -> Result<StopReport, ServiceError> {
+    async fn drain(mut self) -> Result<StopReport, ServiceError> {
+        // No reload runs from here on: waiting `Controller::reload` callers learn it now, not
+        // when the stop is over (a connection waiting for its answer would hold up the drain).
+        self.reload_rx.close();
+        while self.reload_rx.try_recv().is_ok() {}
         let started = Instant::now();
         let deadline = started + self.stop_timeout;
         let lc = self.control.lifecycle.clone();
