@@ -244,6 +244,11 @@ impl PollLoop {
                 wake = wake.min(s.grace_until);
             }
         }
+        // When stopping, the end of the reporting window ends the loop (see `finished`): a long
+        // poll interval or backoff must not sleep past it, nor past the stop bound.
+        if let Some(s) = &self.stopping {
+            wake = wake.min(s.report_until);
+        }
         let stop = self.sup.stop.clone();
         let stopping = self.stopping.is_some();
         let woke = {
@@ -306,7 +311,9 @@ impl PollLoop {
         }
         self.report().await;
         self.renew().await;
+        // The stop request may have arrived after `wait` returned (on its timer): no claim then.
         let may_claim = self.stopping.is_none()
+            && !self.sup.stop.is_cancelled()
             && self.running.is_none()
             && self.unreported.is_empty()
             && (self.again || now >= self.next_poll);
@@ -801,5 +808,122 @@ fn job_id(req: &Request) -> Option<u64> {
         | Request::Quarantine { id, .. }
         | Request::Release { id, .. } => Some(*id),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    use tokio::net::UnixListener;
+    use watchkeeper::{Service, SystemdEnv};
+
+    use super::*;
+
+    /// A loop with no supervision (no `NOTIFY_SOCKET`, no heartbeat file). The service must be
+    /// kept alive while the loop runs.
+    fn poll_loop(socket: PathBuf, poll_interval: Duration) -> (PollLoop, Service) {
+        let env = SystemdEnv::default();
+        let service = Service::builder("test").env(env.clone()).build().unwrap();
+        let settings = Settings {
+            socket,
+            name: "test".into(),
+            config: crate::config::Config::default(),
+            poll_interval,
+            max_sleep: None,
+            drills: Drills::default(),
+        };
+        let sup = Supervision {
+            lifecycle: service.lifecycle(),
+            progress: service.register_loop("poll"),
+            stop: CancellationToken::new(),
+            heartbeat: Heartbeat::new("test", &env),
+            writer: None,
+        };
+        (PollLoop::new(settings, sup), service)
+    }
+
+    /// A broker that answers `ping`, has no job for `claim` and records the requests.
+    fn broker(socket: &std::path::Path) -> Arc<Mutex<Vec<Request>>> {
+        let listener = UnixListener::bind(socket).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let req: Request = serde_json::from_str(&line).unwrap();
+                        log.lock().unwrap().push(req.clone());
+                        let response = match req {
+                            Request::Ping => Response::Pong {
+                                version: "test".into(),
+                            },
+                            Request::Claim { .. } => Response::Job { job: None },
+                            _ => Response::Done,
+                        };
+                        let mut out = serde_json::to_vec(&response).unwrap();
+                        out.push(b'\n');
+                        if w.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        received
+    }
+
+    fn claims(received: &Mutex<Vec<Request>>) -> usize {
+        let received = received.lock().unwrap();
+        received
+            .iter()
+            .filter(|r| matches!(r, Request::Claim { .. }))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn no_claim_after_a_stop_request_that_came_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("daemon.sock");
+        let received = broker(&socket);
+
+        // Control: a cycle claims.
+        let (mut l, _service) = poll_loop(socket.clone(), Duration::from_secs(3600));
+        l.cycle().await;
+        assert!(l.client.is_some(), "{:?}", l.daemon_error);
+        assert_eq!(claims(&received), 1);
+
+        // `wait` returned on its timer, then SIGTERM: `stopping` is not set yet.
+        let (mut l, _service) = poll_loop(socket, Duration::from_secs(3600));
+        l.sup.stop.cancel();
+        l.cycle().await;
+        assert!(l.client.is_some(), "{:?}", l.daemon_error);
+        assert_eq!(claims(&received), 1, "claimed after the stop request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_loop_with_an_unreported_outcome_ends_within_the_stop_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut l, _service) =
+            poll_loop(dir.path().join("absent.sock"), Duration::from_secs(3600));
+        let start = Instant::now();
+        // The daemon is unreachable, its next attempt and the next poll far off; an outcome is
+        // held.
+        l.next_connect = start + Duration::from_secs(3600);
+        l.next_poll = start + Duration::from_secs(3600);
+        l.unreported.push_back(Request::Release {
+            id: 1,
+            worker: "test".into(),
+        });
+        l.sup.stop.cancel();
+        let grace = l.settings.config.grace();
+        l.run().await;
+        let took = start.elapsed();
+        assert!(took >= grace + REPORT_GRACE, "{took:?}");
+        assert!(took < grace + crate::STOP_MARGIN, "{took:?}");
     }
 }
