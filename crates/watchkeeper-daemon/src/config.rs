@@ -17,6 +17,13 @@ use serde::Deserialize;
 
 use crate::store::Policy;
 
+/// The overflow uid (`nobody`): a user namespace shows every unmapped user as this uid, so a
+/// peer with it could be anyone. It is never allowed, whatever the configuration says.
+pub const NOBODY_UID: u32 = 65534;
+
+/// Why [`NOBODY_UID`] cannot be allowed, for error messages.
+pub const NOBODY_PROBLEM: &str = "uid 65534 is nobody, the overflow uid that user namespaces map unknown users to, and is never allowed";
+
 /// The daemon's tunables. [`Config::default`] is what runs without a file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -124,6 +131,13 @@ impl Config {
         if self.max_attempts == 0 {
             return Err(invalid("max_attempts", 0, "must be at least 1"));
         }
+        if self.allowed_uids.contains(&NOBODY_UID) {
+            return Err(invalid(
+                "allowed_uids",
+                u64::from(NOBODY_UID),
+                NOBODY_PROBLEM,
+            ));
+        }
         if !(1..=3600).contains(&self.status_interval_secs) {
             return Err(invalid(
                 "status_interval_secs",
@@ -213,6 +227,18 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(!e.contains('\n'), "{e:?}");
         }
+    }
+
+    #[test]
+    fn the_overflow_uid_cannot_be_allowed() {
+        let e = parse("allowed_uids = [1000, 65534]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/wk.toml: allowed_uids = 65534 is invalid: uid 65534 is nobody"),
+            "{e}"
+        );
+        assert!(parse("allowed_uids = [65533]").is_ok());
     }
 
     #[test]

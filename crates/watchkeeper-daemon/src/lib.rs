@@ -70,7 +70,8 @@ pub struct Options {
         long = "allow-uid",
         value_name = "UID",
         env = "WATCHKEEPER_ALLOW_UIDS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = parse_allowed_uid
     )]
     pub allow_uids: Vec<u32>,
 
@@ -81,6 +82,15 @@ pub struct Options {
     /// Set by systemd for StateDirectory= (the first of its colon-separated paths is used)
     #[arg(long, hide = true, env = "STATE_DIRECTORY")]
     pub state_directory: Option<OsString>,
+}
+
+/// An `--allow-uid` value: any uid but [`config::NOBODY_UID`].
+fn parse_allowed_uid(s: &str) -> Result<u32, String> {
+    let uid: u32 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if uid == config::NOBODY_UID {
+        return Err(config::NOBODY_PROBLEM.to_owned());
+    }
+    Ok(uid)
 }
 
 /// The first path of a colon-separated list as systemd sets `RUNTIME_DIRECTORY` and
@@ -226,6 +236,10 @@ mod tests {
         assert_eq!(o.socket_path().unwrap(), PathBuf::from("/tmp/s"));
         assert_eq!(o.state_dir().unwrap(), PathBuf::from("/tmp/d"));
         assert_eq!(o.allow_uids, vec![7, 8]);
+        let e = Options::try_parse_from(["watchkeeper-daemon", "--allow-uid", "7,65534"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uid 65534 is nobody"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,15 @@
 //!   (the rest of the line cannot be skipped cheaply);
 //! * a line that is not a valid request (bad JSON, unknown `op`, missing field) is answered with
 //!   an error naming the problem, and the connection stays open;
-//! * a mutating request is answered only after the store committed it.
+//! * a mutating request is answered only after the store committed it;
+//! * a request the store refused (unknown job, not the holder, …) is answered with an error and
+//!   the connection stays open; a request the store FAILED (disk full, busy database, a lost
+//!   store task) is not answered: the connection is closed, so the client sees a lost
+//!   connection, reconnects and retries, instead of taking the failure for a verdict;
+//! * a connection that sends no complete request for [`IDLE_TIMEOUT`] is closed.
+//!
+//! At most [`MAX_CONNECTIONS`] connections are served at once; beyond that the accept loop
+//! waits for one to close (the kernel's backlog holds the rest).
 //!
 //! On shutdown (the token is cancelled) the accept loop stops, and every connection finishes
 //! the request it is in — answers it — but does not read another one.
@@ -21,13 +29,14 @@ use tokio::io::{
     AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use watchkeeper::{Controller, Progress};
 use watchkeeper_jobs::{MAX_LINE, Request, Response};
 
-use crate::config::Config;
+use crate::config::{Config, NOBODY_UID};
 use crate::error_chain;
 use crate::store::{SharedStore, StoreError, now_ms};
 
@@ -44,6 +53,17 @@ const MAX_ERROR: usize = 1024;
 /// Pause after a failed `accept(2)` (e.g. `EMFILE`), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long `accept(2)` may fail without a success in between before the accept loop stops
+/// ticking its watchdog [`Progress`], so that the watchdog restarts the daemon.
+pub const ACCEPT_FAILING_LIMIT: Duration = Duration::from_secs(5);
+
+/// Default cap on connections served at once ([`Broker::with_connection_limits`]).
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Default time a connection may go without a complete request before it is closed
+/// ([`Broker::with_connection_limits`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Answers requests: the store, the live configuration and the access rule.
 #[derive(Debug)]
 pub struct Broker {
@@ -52,6 +72,8 @@ pub struct Broker {
     extra_uids: Vec<u32>,
     own_uid: u32,
     controller: Option<Controller>,
+    max_connections: usize,
+    idle_timeout: Duration,
 }
 
 impl Broker {
@@ -59,13 +81,35 @@ impl Broker {
     /// (`--allow-uid`) may connect besides root, the daemon's own uid and the configuration's
     /// `allowed_uids`.
     pub fn new(store: SharedStore, config: watch::Receiver<Config>, extra_uids: Vec<u32>) -> Self {
+        if extra_uids.contains(&NOBODY_UID) {
+            tracing::error!(
+                "ignoring allowed uid {NOBODY_UID}: {}",
+                crate::config::NOBODY_PROBLEM
+            );
+        }
         Broker {
             store,
             config,
             extra_uids,
             own_uid: rustix::process::getuid().as_raw(),
             controller: None,
+            max_connections: MAX_CONNECTIONS,
+            idle_timeout: IDLE_TIMEOUT,
         }
+    }
+
+    /// Serves at most `max_connections` (at least 1) connections at once, and closes one that
+    /// sends no complete request for `idle_timeout`. Defaults: [`MAX_CONNECTIONS`],
+    /// [`IDLE_TIMEOUT`].
+    #[must_use]
+    pub fn with_connection_limits(
+        mut self,
+        max_connections: usize,
+        idle_timeout: Duration,
+    ) -> Self {
+        self.max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        self.idle_timeout = idle_timeout;
+        self
     }
 
     /// Serves `reload` requests through `controller`, answering once the reload is over.
@@ -87,29 +131,37 @@ impl Broker {
         &self.store
     }
 
-    /// Whether a peer with `uid` may talk to the daemon.
+    /// Whether a peer with `uid` may talk to the daemon. Never [`NOBODY_UID`] (the overflow
+    /// uid a user namespace shows unmapped users as: it could be anyone), even if configured.
     pub fn is_allowed(&self, uid: u32) -> bool {
-        uid == 0
-            || uid == self.own_uid
-            || self.extra_uids.contains(&uid)
-            || self.config.borrow().allowed_uids.contains(&uid)
+        uid != NOBODY_UID
+            && (uid == 0
+                || uid == self.own_uid
+                || self.extra_uids.contains(&uid)
+                || self.config.borrow().allowed_uids.contains(&uid))
     }
 
-    /// Answers one request. Store failures and refusals become [`Response::Error`].
-    pub async fn handle(&self, request: Request) -> Response {
+    /// Answers one request: refusals become [`Response::Error`]. A store failure (not a
+    /// refusal) is logged and answered with `None`: the connection must be closed without an
+    /// answer, so that the client retries rather than drop what it was reporting.
+    pub async fn handle(&self, request: Request) -> Option<Response> {
         let what = describe(&request);
         match self.dispatch(request).await {
-            Ok(response) => response,
+            Ok(response) => Some(response),
+            Err(e) if e.is_refusal() => {
+                let error = error_chain(&e);
+                tracing::info!(request = %what, "refused: {error}");
+                Some(Response::Error {
+                    error: truncate(error),
+                })
+            }
             Err(e) => {
                 let error = error_chain(&e);
-                if e.is_refusal() {
-                    tracing::info!(request = %what, "refused: {error}");
-                } else {
-                    tracing::error!(request = %what, "failed: {error}");
-                }
-                Response::Error {
-                    error: truncate(error),
-                }
+                tracing::error!(
+                    request = %what,
+                    "failed: {error}; closing the connection without an answer so that the client retries"
+                );
+                None
             }
         }
     }
@@ -245,32 +297,71 @@ pub async fn accept_loop(
     progress: Progress,
 ) {
     let connections = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(broker.max_connections));
     let mut idle = tokio::time::interval(ACCEPT_TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
+    // Since when accept(2) has been failing without a success in between.
+    let mut failing_since: Option<Instant> = None;
+    let mut gave_up = false;
+    let mut permit = None;
+    let mut full_logged = false;
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
+                // The semaphore is never closed.
+                permit = acquired.ok();
+                full_logged = false;
+            }
+            accepted = listener.accept(), if permit.is_some() => match accepted {
                 Ok((stream, _)) => {
-                    failing = false;
-                    connections.spawn(serve_connection(stream, broker.clone(), stop.clone()));
+                    if failing_since.take().is_some() {
+                        tracing::info!("accept works again");
+                    }
+                    let permit = permit.take();
+                    let (broker, stop) = (broker.clone(), stop.clone());
+                    connections.spawn(async move {
+                        serve_connection(stream, broker, stop).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
-                    if !failing {
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
                         tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_BACKOFF:?}");
                     }
-                    failing = true;
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
                     }
                 }
             },
-            _ = idle.tick() => {}
+            _ = idle.tick() => {
+                if permit.is_none() && !full_logged {
+                    full_logged = true;
+                    tracing::warn!(
+                        max = broker.max_connections,
+                        "too many connections; accepting again when one closes"
+                    );
+                }
+            }
         }
-        progress.tick();
+        match failing_since {
+            Some(since) if since.elapsed() > ACCEPT_FAILING_LIMIT => {
+                if !gave_up {
+                    gave_up = true;
+                    tracing::error!(
+                        "accept has been failing for more than {ACCEPT_FAILING_LIMIT:?}; \
+                         no longer reporting progress, so that the watchdog restarts the daemon"
+                    );
+                }
+            }
+            _ => {
+                gave_up = false;
+                progress.tick();
+            }
+        }
     }
     drop(listener);
     connections.close();
@@ -296,7 +387,16 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
     let (uid, pid) = (peer.uid.as_raw(), peer.pid.as_raw_pid());
     if !broker.is_allowed(uid) {
         let error = format!("uid {uid} is not allowed");
-        tracing::warn!(uid, pid, "refused a connection: {error}");
+        if uid == NOBODY_UID {
+            tracing::warn!(
+                uid,
+                pid,
+                "refused a connection: {}",
+                crate::config::NOBODY_PROBLEM
+            );
+        } else {
+            tracing::warn!(uid, pid, "refused a connection: {error}");
+        }
         let mut stream = stream;
         let _ = write_response(&mut stream, &Response::Error { error }).await;
         let _ = stream.shutdown().await;
@@ -313,7 +413,17 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
         let read = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            read = limited.read_until(b'\n', &mut line) => read,
+            read = tokio::time::timeout(broker.idle_timeout, limited.read_until(b'\n', &mut line)) => read,
+        };
+        let Ok(read) = read else {
+            tracing::debug!(
+                uid,
+                pid,
+                "no complete request in {:?}; closing",
+                broker.idle_timeout
+            );
+            let _ = write.shutdown().await;
+            break;
         };
         match read {
             Ok(0) => break,
@@ -337,7 +447,10 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(&line);
         let response = match serde_json::from_slice::<Request>(request) {
-            Ok(request) => broker.handle(request).await,
+            Ok(request) => match broker.handle(request).await {
+                Some(response) => response,
+                None => break, // a store failure: closed unanswered, the client retries
+            },
             Err(e) => {
                 tracing::debug!(uid, pid, error = %e, "invalid request");
                 Response::Error {

@@ -45,7 +45,7 @@ use watchkeeper_jobs::{ClaimedJob, MAX_LINE, Response, Stats};
 pub const FILE_NAME: &str = "jobs.sqlite3";
 
 /// The schema version this daemon writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for a lock held by another connection (`PRAGMA busy_timeout`).
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,9 +53,12 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest worker name accepted by [`Store::claim`], in bytes.
 pub const MAX_WORKER_NAME: usize = 256;
 
-const SCHEMA_V1: &str = "
+/// Version 2: ids are `AUTOINCREMENT` (never reused, even after the highest row is deleted),
+/// and `lease_secs` records the lease a job was claimed with (renewals never shorten it).
+/// Version 1 had neither.
+const JOBS_TABLE_V2: &str = "
 CREATE TABLE jobs (
-    id             INTEGER PRIMARY KEY,
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
     spec           TEXT    NOT NULL,
     state          TEXT    NOT NULL CHECK (state IN
                        ('queued', 'claimed', 'completed', 'failed', 'denied', 'quarantined')),
@@ -65,10 +68,43 @@ CREATE TABLE jobs (
     created_ms     INTEGER NOT NULL,
     updated_ms     INTEGER NOT NULL,
     reason         TEXT,
-    exit_code      INTEGER
+    exit_code      INTEGER,
+    lease_secs     INTEGER
 );
+";
+
+const INDEXES_V2: &str = "
 CREATE INDEX jobs_by_state ON jobs (state, id);
 CREATE INDEX jobs_by_lease ON jobs (lease_until_ms) WHERE state = 'claimed';
+";
+
+/// Version 1 to 2, inside the schema transaction: the table is recreated with its rows (and so
+/// its highest id, which seeds `sqlite_sequence`); claims from version 1 have no recorded lease
+/// (`lease_secs` NULL), so their renewals use the configured one.
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE jobs RENAME TO jobs_v1;
+DROP INDEX IF EXISTS jobs_by_state;
+DROP INDEX IF EXISTS jobs_by_lease;
+CREATE TABLE jobs (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec           TEXT    NOT NULL,
+    state          TEXT    NOT NULL CHECK (state IN
+                       ('queued', 'claimed', 'completed', 'failed', 'denied', 'quarantined')),
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    worker         TEXT,
+    lease_until_ms INTEGER,
+    created_ms     INTEGER NOT NULL,
+    updated_ms     INTEGER NOT NULL,
+    reason         TEXT,
+    exit_code      INTEGER,
+    lease_secs     INTEGER
+);
+INSERT INTO jobs (id, spec, state, attempts, worker, lease_until_ms, created_ms, updated_ms,
+                  reason, exit_code)
+    SELECT id, spec, state, attempts, worker, lease_until_ms, created_ms, updated_ms, reason,
+           exit_code
+    FROM jobs_v1 ORDER BY id;
+DROP TABLE jobs_v1;
 ";
 
 /// Where a job is in its life.
@@ -404,11 +440,20 @@ impl Store {
             .map_err(sql_err(path, "PRAGMA user_version"))?;
         match version {
             0 => {
-                tx.execute_batch(SCHEMA_V1)
-                    .map_err(sql_err(path, "create schema version 1"))?;
+                tx.execute_batch(JOBS_TABLE_V2)
+                    .and_then(|()| tx.execute_batch(INDEXES_V2))
+                    .map_err(sql_err(path, "create schema version 2"))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(sql_err(path, "set PRAGMA user_version"))?;
                 tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "created the job store");
+            }
+            1 => {
+                tx.execute_batch(MIGRATE_V1_TO_V2)
+                    .and_then(|()| tx.execute_batch(INDEXES_V2))
+                    .map_err(sql_err(path, "migrate schema version 1 to 2"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(sql_err(path, "set PRAGMA user_version"))?;
+                tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "migrated the job store from schema version 1");
             }
             SCHEMA_VERSION => {}
             found => {
@@ -458,6 +503,11 @@ impl Store {
 
     /// Sweeps expired leases (see [`Store::sweep`]), then hands the oldest queued job to
     /// `worker` under a lease of `policy.lease_secs`, in one transaction: attempts + 1.
+    ///
+    /// If `worker` already holds an unexpired claim, that job is handed out again instead,
+    /// without counting an attempt, its lease restarted at `policy.lease_secs` from now: workers
+    /// do not claim while they hold a job, so a claim by a holder means its earlier claim answer
+    /// was lost (a timeout, a broken connection) and it does not know it holds the job.
     pub fn claim(
         &mut self,
         worker: &str,
@@ -474,6 +524,42 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err(path, op()))?;
         sweep_tx(&tx, path, policy.max_attempts, now_ms)?;
+        let lease_secs = i64::try_from(policy.lease_secs).unwrap_or(i64::MAX);
+        let held: Option<(i64, String, i64)> = tx
+            .query_row(
+                "SELECT id, spec, attempts FROM jobs
+                 WHERE state = 'claimed' AND worker = ?1 AND lease_until_ms > ?2
+                 ORDER BY id LIMIT 1",
+                params![worker, now_ms],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql_err(path, op()))?;
+        if let Some((id, text, attempts)) = held {
+            // The spec was read when the job was first handed out; a file edited by hand since
+            // then falls through to the ordinary claim and the job runs out its lease.
+            if let Ok(spec) = serde_json::from_str(&text) {
+                tracing::warn!(
+                    job = id,
+                    worker,
+                    attempts,
+                    "claim by the job's holder: handing it out again (its claim answer was lost)"
+                );
+                tx.execute(
+                    "UPDATE jobs SET lease_until_ms = ?2, lease_secs = ?3, updated_ms = ?4
+                     WHERE id = ?1",
+                    params![id, lease_end(now_ms, policy.lease_secs), lease_secs, now_ms],
+                )
+                .map_err(sql_err(path, op()))?;
+                tx.commit().map_err(sql_err(path, op()))?;
+                return Ok(Some(ClaimedJob {
+                    id: id.unsigned_abs(),
+                    spec,
+                    attempt: to_u32(attempts),
+                    lease_secs: policy.lease_secs,
+                }));
+            }
+        }
         loop {
             let next: Option<(i64, String, i64)> = tx
                 .query_row(
@@ -505,14 +591,15 @@ impl Store {
             let attempt = attempts.saturating_add(1);
             tx.execute(
                 "UPDATE jobs SET state = 'claimed', attempts = ?2, worker = ?3,
-                        lease_until_ms = ?4, updated_ms = ?5
+                        lease_until_ms = ?4, updated_ms = ?5, lease_secs = ?6
                  WHERE id = ?1",
                 params![
                     id,
                     attempt,
                     worker,
                     lease_end(now_ms, policy.lease_secs),
-                    now_ms
+                    now_ms,
+                    lease_secs
                 ],
             )
             .map_err(sql_err(path, op()))?;
@@ -539,7 +626,10 @@ impl Store {
         Ok(expired)
     }
 
-    /// Extends `worker`'s lease on job `id` to `lease_secs` from now.
+    /// Extends `worker`'s lease on job `id` to `lease_secs` (the configured lease) from now,
+    /// or to the lease the job was claimed with if that is longer: the worker renews on the
+    /// schedule of the lease it was given, so a reload that shortens the lease must not let
+    /// its running job expire between renewals.
     pub fn renew(
         &mut self,
         id: u64,
@@ -547,8 +637,13 @@ impl Store {
         lease_secs: u64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let until = lease_end(now_ms, lease_secs);
         self.finish(id, worker, "renew", now_ms, |tx, rid| {
+            let claimed: Option<i64> =
+                tx.query_row("SELECT lease_secs FROM jobs WHERE id = ?1", [rid], |r| {
+                    r.get(0)
+                })?;
+            let claimed = claimed.map_or(0, i64::unsigned_abs);
+            let until = lease_end(now_ms, lease_secs.max(claimed));
             tx.execute(
                 "UPDATE jobs SET lease_until_ms = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![rid, until, now_ms],
@@ -929,7 +1024,7 @@ mod tests {
         let path = dir.path().join("state").join(FILE_NAME);
         let e = Store::open(&path).unwrap_err();
         assert!(
-            matches!(e, StoreError::UnknownSchema { found: 2, .. }),
+            matches!(e, StoreError::UnknownSchema { found, .. } if found == SCHEMA_VERSION + 1),
             "{e}"
         );
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
@@ -957,8 +1052,8 @@ mod tests {
         assert_eq!(first.attempt, 1);
         assert_eq!(first.lease_secs, 60);
         assert_eq!(s.claim("w2", POLICY, T0).unwrap().unwrap().id, b);
-        assert_eq!(s.claim("w1", POLICY, T0).unwrap().unwrap().id, c);
-        assert_eq!(s.claim("w1", POLICY, T0).unwrap(), None);
+        assert_eq!(s.claim("w3", POLICY, T0).unwrap().unwrap().id, c);
+        assert_eq!(s.claim("w4", POLICY, T0).unwrap(), None);
         let rec = s.job(a).unwrap().unwrap();
         assert_eq!(rec.state, JobState::Claimed);
         assert_eq!(rec.worker.as_deref(), Some("w1"));
@@ -1103,7 +1198,17 @@ mod tests {
             .collect();
         for _ in &ids {
             s.claim("w", POLICY, T0).unwrap().unwrap();
+            // One job at a time per worker: hand the rest to others, keeping the ids in order.
+            s.conn
+                .execute(
+                    "UPDATE jobs SET worker = 'parked' WHERE state = 'claimed' AND worker = 'w'",
+                    [],
+                )
+                .unwrap();
         }
+        s.conn
+            .execute("UPDATE jobs SET worker = 'w' WHERE worker = 'parked'", [])
+            .unwrap();
         s.complete(ids[0], "w", Some(0), T0).unwrap();
         s.complete(ids[1], "w", Some(3), T0).unwrap();
         s.complete(ids[2], "w", None, T0).unwrap();
@@ -1184,6 +1289,134 @@ mod tests {
             .unwrap();
         assert_eq!(s.claim("w", POLICY, T0).unwrap().unwrap().id, good);
         assert_eq!(s.job(bad).unwrap().unwrap().state, JobState::Quarantined);
+    }
+
+    #[test]
+    fn a_claim_by_the_holder_hands_its_job_out_again_without_counting_an_attempt() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        let other = s.submit(&json!("y"), T0).unwrap();
+        let first = s.claim("w", POLICY, T0).unwrap().unwrap();
+        assert_eq!((first.id, first.attempt), (id, 1));
+        // The answer was lost; the worker claims again: the same job, same attempt, new lease.
+        for k in 1..=3 {
+            let now = T0 + k * 50_000;
+            let again = s.claim("w", POLICY, now).unwrap().unwrap();
+            assert_eq!((again.id, again.attempt, again.spec), (id, 1, json!("x")));
+            assert_eq!(again.lease_secs, 60);
+            let rec = s.job(id).unwrap().unwrap();
+            assert_eq!((rec.attempts, rec.lease_until_ms), (1, Some(now + 60_000)));
+        }
+        // Another worker gets the next job; the holder can report.
+        assert_eq!(s.claim("v", POLICY, T0).unwrap().unwrap().id, other);
+        s.complete(other, "v", Some(0), T0 + 1).unwrap();
+        s.complete(id, "w", Some(0), T0 + 150_001).unwrap();
+        // An expired claim is not handed back: it is swept and counted as before.
+        let third = s.submit(&json!("z"), T0).unwrap();
+        s.claim("u", POLICY, T0).unwrap().unwrap();
+        let swept = s.claim("u", POLICY, T0 + 60_000).unwrap().unwrap();
+        assert_eq!((swept.id, swept.attempt), (third, 2));
+    }
+
+    #[test]
+    fn renew_never_shortens_the_lease_the_job_was_claimed_with() {
+        let (_d, mut s) = open();
+        let id = s.submit(&json!("x"), T0).unwrap();
+        let long = Policy {
+            lease_secs: 300,
+            max_attempts: 3,
+        };
+        assert_eq!(s.claim("w", long, T0).unwrap().unwrap().lease_secs, 300);
+        // A reload shortened the lease to 30 s; the worker still renews every 100 s.
+        s.renew(id, "w", 30, T0 + 100_000).unwrap();
+        let until = s.job(id).unwrap().unwrap().lease_until_ms.unwrap();
+        assert!(until >= T0 + 100_000 + 300_000, "{until}");
+        // A longer configured lease still wins.
+        s.renew(id, "w", 600, T0 + 200_000).unwrap();
+        let until = s.job(id).unwrap().unwrap().lease_until_ms.unwrap();
+        assert_eq!(until, T0 + 200_000 + 600_000);
+    }
+
+    #[test]
+    fn ids_are_never_reused_even_after_the_highest_row_is_deleted() {
+        let (_d, mut s) = open();
+        let a = s.submit(&json!(1), T0).unwrap();
+        let b = s.submit(&json!(2), T0).unwrap();
+        s.conn
+            .execute("DELETE FROM jobs WHERE id = ?1", [b as i64])
+            .unwrap();
+        let c = s.submit(&json!(3), T0).unwrap();
+        assert!(c > b && b > a, "{a} {b} {c}");
+    }
+
+    /// The version 1 schema, as earlier daemons created it.
+    const SCHEMA_V1: &str = "
+        CREATE TABLE jobs (
+            id             INTEGER PRIMARY KEY,
+            spec           TEXT    NOT NULL,
+            state          TEXT    NOT NULL CHECK (state IN
+                ('queued', 'claimed', 'completed', 'failed', 'denied', 'quarantined')),
+            attempts       INTEGER NOT NULL DEFAULT 0,
+            worker         TEXT,
+            lease_until_ms INTEGER,
+            created_ms     INTEGER NOT NULL,
+            updated_ms     INTEGER NOT NULL,
+            reason         TEXT,
+            exit_code      INTEGER
+        );
+        CREATE INDEX jobs_by_state ON jobs (state, id);
+        CREATE INDEX jobs_by_lease ON jobs (lease_until_ms) WHERE state = 'claimed';
+        PRAGMA user_version = 1;
+    ";
+
+    #[test]
+    fn a_version_1_store_is_migrated_keeping_its_rows_and_highest_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(&format!(
+                "INSERT INTO jobs (id, spec, state, attempts, created_ms, updated_ms)
+                     VALUES (1, '\"a\"', 'completed', 1, {T0}, {T0});
+                 INSERT INTO jobs (id, spec, state, attempts, worker, lease_until_ms,
+                                   created_ms, updated_ms)
+                     VALUES (7, '\"b\"', 'claimed', 1, 'w', {}, {T0}, {T0});
+                 INSERT INTO jobs (id, spec, state, attempts, created_ms, updated_ms)
+                     VALUES (9, '\"c\"', 'queued', 0, {T0}, {T0});",
+                T0 + 60_000
+            ))
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.stats().unwrap(), stats(1, 1, 1, 0, 0, 0));
+        let held = s.job(7).unwrap().unwrap();
+        assert_eq!(
+            (held.worker.as_deref(), held.lease_until_ms),
+            (Some("w"), Some(T0 + 60_000))
+        );
+        // A claim from version 1 (no recorded lease) renews with the configured one.
+        s.renew(7, "w", 60, T0 + 1).unwrap();
+        assert_eq!(s.job(7).unwrap().unwrap().lease_until_ms, Some(T0 + 60_001));
+        // The highest id is kept, and not reused after its row is deleted.
+        s.conn.execute("DELETE FROM jobs WHERE id = 9", []).unwrap();
+        assert_eq!(s.submit(&json!("d"), T0).unwrap(), 10);
+        let indexes: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'
+                 AND name IN ('jobs_by_state', 'jobs_by_lease')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 2);
+        drop(s);
+        // Reopening a migrated file changes nothing.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.stats().unwrap(), stats(1, 1, 1, 0, 0, 0));
+        assert_eq!(s.job(10).unwrap().unwrap().spec, r#""d""#);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -287,7 +287,11 @@ fn acknowledged_jobs_survive_kill_9() {
         }
     );
     let mut claimed = BTreeSet::new();
-    while let Some(job) = rt.block_on(client.claim("after-crash")).unwrap() {
+    // One worker name per job: a worker holding a job would get that one back.
+    while let Some(job) = rt
+        .block_on(client.claim(&format!("after-crash-{}", claimed.len())))
+        .unwrap()
+    {
         assert_eq!(job.spec, json!({ "n": claimed.len() }), "in order");
         claimed.insert(job.id);
     }
@@ -329,13 +333,14 @@ fn sighup_with_a_new_config_applies_the_new_lease_to_the_next_claim() {
             r.has("READY", "1")
         })
         .unwrap();
-    let job = rt.block_on(client.claim("w")).unwrap().unwrap();
+    // Another worker: "w" still holds the first job, and would get it back.
+    let job = rt.block_on(client.claim("w2")).unwrap().unwrap();
     assert_eq!(job.lease_secs, 7, "{}", daemon.log());
     // The renewal uses the new lease too (the stored deadline is checked below).
     let before = watchkeeper_daemon::store::now_ms();
     rt.block_on(client.report(&watchkeeper_jobs::Request::Renew {
         id: job.id,
-        worker: "w".into(),
+        worker: "w2".into(),
     }))
     .unwrap();
 

@@ -38,6 +38,8 @@ struct Setup {
     own_uid: Option<u32>,
     extra_uids: Vec<u32>,
     group: Option<u32>,
+    /// Connection cap and idle timeout, instead of the defaults.
+    limits: Option<(usize, Duration)>,
 }
 
 impl Server {
@@ -54,6 +56,9 @@ impl Server {
         let mut broker = Broker::new(store.clone(), config_rx, setup.extra_uids);
         if let Some(uid) = setup.own_uid {
             broker = broker.with_own_uid(uid);
+        }
+        if let Some((max, idle)) = setup.limits {
+            broker = broker.with_connection_limits(max, idle);
         }
         let stop = CancellationToken::new();
         let progress = Watchdog::new(None).register("accept");
@@ -469,6 +474,124 @@ async fn allowed_uids_follow_the_configuration() {
     assert!(!broker.is_allowed(5678));
     server.config.send_modify(|c| c.allowed_uids = vec![5678]);
     assert!(broker.is_allowed(5678));
+    // The overflow uid never, however it is configured.
+    server
+        .config
+        .send_modify(|c| c.allowed_uids = vec![5678, NOBODY]);
+    let config = server.config.subscribe();
+    let broker = Broker::new(server.store.clone(), config, vec![NOBODY]).with_own_uid(NOBODY);
+    assert!(!broker.is_allowed(NOBODY));
+    assert!(broker.is_allowed(0) && broker.is_allowed(5678));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_closes_the_connection_unanswered_so_the_client_retries() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let id = c.submit(json!("x")).await.unwrap();
+    c.claim("w").await.unwrap().unwrap();
+    // A refusal is still an answer, and the connection stays.
+    let e = c
+        .report(&Request::Complete {
+            id: 4242,
+            worker: "w".into(),
+            exit_code: Some(0),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Refused { .. }), "{e:?}");
+
+    // Break the store under the daemon: every statement on `jobs` now fails.
+    let db = server.dir.path().join("state").join("jobs.sqlite3");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TABLE jobs")
+        .unwrap();
+    let mut raw = server.raw().await;
+    raw.send(
+        format!("{{\"op\":\"complete\",\"id\":{id},\"worker\":\"w\",\"exit_code\":0}}\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        raw.recv().await,
+        None,
+        "an error line instead of a closed connection"
+    );
+    // Through the client: a lost connection, not a refusal, so the worker keeps the outcome.
+    let e = c
+        .report(&Request::Complete {
+            id,
+            worker: "w".into(),
+            exit_code: Some(0),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Closed { .. } | ClientError::Io { .. }),
+        "{e:?}"
+    );
+    // Requests that do not touch the store are still served.
+    assert!(server.client().await.ping().await.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_one_to_close() {
+    let server = Server::start_with(Setup {
+        limits: Some((2, DEADLINE * 3)),
+        ..Setup::default()
+    })
+    .await;
+    let ping = b"{\"op\":\"ping\"}\n";
+    let mut first = server.raw().await;
+    let mut second = server.raw().await;
+    assert!(matches!(first.call(ping).await, Response::Pong { .. }));
+    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
+    // The third connects (the kernel's backlog) but is not served while two are open.
+    let mut third = server.raw().await;
+    third.send(ping).await;
+    let mut line = String::new();
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        third.reader.read_line(&mut line),
+    )
+    .await;
+    assert!(waited.is_err(), "served beyond the cap: {line:?}");
+    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
+    drop(first);
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, third.reader.read_line(&mut line))
+        .await
+        .expect("not served after a connection closed")
+        .unwrap();
+    assert!(line.starts_with(r#"{"result":"pong""#), "{line}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed() {
+    let idle = Duration::from_millis(300);
+    let server = Server::start_with(Setup {
+        limits: Some((16, idle)),
+        ..Setup::default()
+    })
+    .await;
+    let ping = b"{\"op\":\"ping\"}\n";
+    let mut raw = server.raw().await;
+    // Requests within the timeout keep the connection.
+    for _ in 0..3 {
+        tokio::time::sleep(idle / 3).await;
+        assert!(matches!(raw.call(ping).await, Response::Pong { .. }));
+    }
+    let quiet = tokio::time::Instant::now();
+    assert_eq!(raw.recv().await, None, "an idle connection stays open");
+    assert!(quiet.elapsed() >= idle - Duration::from_millis(50));
+    // Half a request does not count as activity.
+    let mut partial = server.raw().await;
+    partial.send(b"{\"op\":").await;
+    assert_eq!(partial.recv().await, None);
     server.stop().await;
 }
 
@@ -491,12 +614,14 @@ fn peer_helper() {
     println!("REPLY:{}", line.trim_end());
 }
 
-fn reply_as_nobody(path: &Path) -> String {
+/// Runs `peer_helper` as `uid` (group [`NOBODY`], which the socket is given) and returns the
+/// line it got.
+fn reply_as(uid: u32, path: &Path) -> String {
     use std::os::unix::process::CommandExt as _;
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "peer_helper", "--nocapture", "--test-threads=1"])
         .env(PEER_ROLE, path)
-        .uid(NOBODY)
+        .uid(uid)
         .gid(NOBODY)
         .output()
         .unwrap();
@@ -540,20 +665,21 @@ async fn a_peer_whose_uid_is_not_allowed_gets_one_error_line_and_is_closed() {
     for dir in [server.dir.path().to_owned(), server.dir.path().join("run")] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let path = server.path.clone();
-    let reply = tokio::task::spawn_blocking(move || reply_as_nobody(&path))
-        .await
-        .unwrap();
-    assert_eq!(
-        reply,
-        format!(r#"{{"result":"error","error":"uid {NOBODY} is not allowed"}}"#)
-    );
-    // Allowed through the (reloadable) configuration, the same peer is served.
-    server.config.send_modify(|c| c.allowed_uids = vec![NOBODY]);
-    let path = server.path.clone();
-    let reply = tokio::task::spawn_blocking(move || reply_as_nobody(&path))
-        .await
-        .unwrap();
+    const PEER: u32 = NOBODY - 1;
+    let reply_as = |uid: u32| {
+        let path = server.path.clone();
+        tokio::task::spawn_blocking(move || reply_as(uid, &path))
+    };
+    let refused = |uid: u32| format!(r#"{{"result":"error","error":"uid {uid} is not allowed"}}"#);
+    assert_eq!(reply_as(PEER).await.unwrap(), refused(PEER));
+    assert_eq!(reply_as(NOBODY).await.unwrap(), refused(NOBODY));
+    // Allowed through the (reloadable) configuration, the same peer is served...
+    server
+        .config
+        .send_modify(|c| c.allowed_uids = vec![PEER, NOBODY]);
+    let reply = reply_as(PEER).await.unwrap();
     assert!(reply.starts_with(r#"{"result":"pong""#), "{reply}");
+    // ...but never nobody, the overflow uid: it could be any user of another namespace.
+    assert_eq!(reply_as(NOBODY).await.unwrap(), refused(NOBODY));
     server.stop().await;
 }
