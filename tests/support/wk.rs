@@ -1,10 +1,16 @@
-//! The shipped watchkeeper pieces, installed for a private user manager the way a user would
-//! install them: the built binaries in `~/.local/bin`, the units of `contrib/systemd/user`
-//! verbatim in `~/.config/systemd/user`, the configurations of `contrib/config` in
-//! `~/.config/watchkeeper` (`%E/watchkeeper`, where the units read them).
+//! The shipped watchkeeper pieces, installed for a user manager (private, or the caller's own:
+//! see [`UserManager`]) the way a user would install them: the built binaries in
+//! `~/.local/bin`, the units of `contrib/systemd/user` verbatim in `~/.config/systemd/user`,
+//! the configurations of `contrib/config` in `~/.config/watchkeeper` (`%E/watchkeeper`, where
+//! the units read them).
 //!
 //! Test settings go into drop-ins (`~/.config/systemd/user/UNIT.d/50-e2e.conf`), so that the
-//! shipped units are what runs.
+//! shipped units are what runs. Every file and directory is written through
+//! [`UserManager::claim`], so that with the caller's own manager nothing foreign is overwritten
+//! and everything written is removed afterwards.
+//!
+//! The binaries come from `target/PROFILE` next to the test binary, or from `$WK_E2E_BIN_DIR`
+//! (e.g. when the test binary runs as another user, from a copy).
 
 use std::collections::HashMap;
 use std::fs;
@@ -62,7 +68,19 @@ fn profile_dir() -> Result<PathBuf> {
 /// directory and profile; if that fails (or the test does not run under cargo) the error says
 /// what to build. Binaries older than the sources under `crates/`
 /// only get a warning: run `cargo test --workspace` (not only `--test e2e_…`) after a change.
+///
+/// With `WK_E2E_BIN_DIR` set, `$WK_E2E_BIN_DIR/NAME` instead (never built here).
 pub fn built_binary(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("WK_E2E_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        ensure!(
+            path.is_file(),
+            "{} is missing (WK_E2E_BIN_DIR): copy the built {name} there",
+            path.display()
+        );
+        warn_if_stale(&path);
+        return Ok(path);
+    }
     let dir = profile_dir()?;
     let path = dir.join(name);
     if !path.is_file() {
@@ -183,6 +201,7 @@ impl Wk {
         wk.mkdir_user(&bin)?;
         for src in &binaries {
             let dest = bin.join(src.file_name().context("binary name")?);
+            wk.claim(&dest, false)?;
             fs::copy(src, &dest)
                 .with_context(|| format!("copy {} -> {}", src.display(), dest.display()))?;
             wk.own(&dest, 0o755)?;
@@ -216,6 +235,7 @@ impl Wk {
         for c in dir.strip_prefix(self.user_home())?.components() {
             p.push(c);
             if !p.exists() {
+                self.claim(&p, true)?;
                 fs::create_dir(&p).with_context(|| format!("mkdir {}", p.display()))?;
                 self.own(&p, 0o755)?;
             }
@@ -235,6 +255,8 @@ impl Wk {
         self.mkdir_user(path.parent().context("no parent")?)?;
         // Write a new file and rename it over the old one: a reader never sees half of it.
         let tmp = path.with_extension("e2e-tmp");
+        self.claim(&tmp, false)?;
+        self.claim(path, false)?;
         fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         self.own(&tmp, 0o644)?;
         fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
@@ -356,12 +378,15 @@ impl Wk {
         Ok(st.heartbeat)
     }
 
-    /// The journal of a user unit as JSON entries (all of them, oldest first).
+    /// The journal of a user unit as JSON entries (all of them since the manager was started
+    /// or taken, oldest first).
     pub fn journal_json(&self, unit: &str) -> Result<Vec<serde_json::Value>> {
-        let out = self.run(
-            "journalctl",
-            ["--user", "-u", unit, "--no-pager", "-o", "json", "--all"],
-        );
+        let mut args: Vec<String> = ["--user", "-u", unit, "--no-pager", "-o", "json", "--all"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(self.journal_args());
+        let out = self.run("journalctl", &args);
         ensure!(
             out.status.success(),
             "journalctl --user -u {unit}: {}",

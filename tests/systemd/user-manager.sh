@@ -528,7 +528,7 @@ cmd_check() {
         local s note=
         s=$(systemctl --user is-system-running 2>/dev/null || true)
         case $s in running | degraded | starting)
-            note=" (this user's own session manager is $s, but the harness never drives a real account's manager)" ;;
+            note=" (this user's own manager is $s: the Rust harness uses it with WK_E2E_OWN_MANAGER=1)" ;;
         esac
         why+=("not root (uid $EUID): the private manager needs root for its mount namespace and cgroups$note")
     fi
