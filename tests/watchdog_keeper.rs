@@ -27,6 +27,20 @@ fn settle(manager: &FakeManager, notifier: &Notifier, tag: &str) -> Vec<Record> 
     records[..end].to_vec()
 }
 
+/// Stops the manager reading and fills its queue; returns how many datagrams it holds.
+fn fill_queue(manager: &FakeManager, filler: &Notifier) -> usize {
+    manager.pause();
+    let mut queued = 0;
+    while filler
+        .notify(&[Notification::custom("X_FILL", "1").unwrap()])
+        .is_ok()
+    {
+        queued += 1;
+        assert!(queued < 10_000, "queue never filled");
+    }
+    queued
+}
+
 fn pings(records: &[Record]) -> usize {
     records.iter().filter(|r| r.is_ping()).count()
 }
@@ -173,15 +187,7 @@ async fn full_queue_coalesces_pending_pings() {
     let manager = FakeManager::start().unwrap();
     let filler = Notifier::from_env(&manager.env()).unwrap();
     let service = service(&manager);
-    manager.pause();
-    let mut queued = 0;
-    while filler
-        .notify(&[Notification::custom("X_FILL", "1").unwrap()])
-        .is_ok()
-    {
-        queued += 1;
-        assert!(queued < 10_000, "queue never filled");
-    }
+    let queued = fill_queue(&manager, &filler);
     // Three windows pass while the queue stays full: each ping is refused and kept pending.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     manager.resume();
@@ -221,15 +227,7 @@ async fn a_trigger_refused_by_a_full_queue_is_retried() {
     let filler = Notifier::from_env(&manager.env()).unwrap();
     let service = service(&manager);
     let p = service.register_loop("db");
-    manager.pause();
-    let mut queued = 0;
-    while filler
-        .notify(&[Notification::custom("X_FILL", "1").unwrap()])
-        .is_ok()
-    {
-        queued += 1;
-        assert!(queued < 10_000, "queue never filled");
-    }
+    let queued = fill_queue(&manager, &filler);
     p.trigger("wedged");
     // The keeper tries at once and every 10 ms while the queue is full.
     tokio::time::sleep(Duration::from_millis(200)).await;
