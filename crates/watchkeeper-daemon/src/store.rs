@@ -81,24 +81,18 @@ CREATE INDEX jobs_by_lease ON jobs (lease_until_ms) WHERE state = 'claimed';
 /// Version 1 to 2, inside the schema transaction: the table is recreated with its rows (and so
 /// its highest id, which seeds `sqlite_sequence`); claims from version 1 have no recorded lease
 /// (`lease_secs` NULL), so their renewals use the configured one.
-const MIGRATE_V1_TO_V2: &str = "
+/// Version 1 to 2, inside the schema transaction: the old table is set aside, the new one
+/// created from [`JOBS_TABLE_V2`], and the rows copied (and so its highest id, which seeds
+/// `sqlite_sequence`); claims from version 1 have no recorded lease (`lease_secs` NULL), so
+/// their renewals use the configured one.
+const MIGRATE_V1_SET_ASIDE: &str = "
 ALTER TABLE jobs RENAME TO jobs_v1;
 DROP INDEX IF EXISTS jobs_by_state;
 DROP INDEX IF EXISTS jobs_by_lease;
-CREATE TABLE jobs (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    spec           TEXT    NOT NULL,
-    state          TEXT    NOT NULL CHECK (state IN
-                       ('queued', 'claimed', 'completed', 'failed', 'denied', 'quarantined')),
-    attempts       INTEGER NOT NULL DEFAULT 0,
-    worker         TEXT,
-    lease_until_ms INTEGER,
-    created_ms     INTEGER NOT NULL,
-    updated_ms     INTEGER NOT NULL,
-    reason         TEXT,
-    exit_code      INTEGER,
-    lease_secs     INTEGER
-);
+";
+
+/// The rest of the version 1 to 2 migration, after [`JOBS_TABLE_V2`].
+const MIGRATE_V1_COPY: &str = "
 INSERT INTO jobs (id, spec, state, attempts, worker, lease_until_ms, created_ms, updated_ms,
                   reason, exit_code)
     SELECT id, spec, state, attempts, worker, lease_until_ms, created_ms, updated_ms, reason,
@@ -448,7 +442,9 @@ impl Store {
                 tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "created the job store");
             }
             1 => {
-                tx.execute_batch(MIGRATE_V1_TO_V2)
+                tx.execute_batch(MIGRATE_V1_SET_ASIDE)
+                    .and_then(|()| tx.execute_batch(JOBS_TABLE_V2))
+                    .and_then(|()| tx.execute_batch(MIGRATE_V1_COPY))
                     .and_then(|()| tx.execute_batch(INDEXES_V2))
                     .map_err(sql_err(path, "migrate schema version 1 to 2"))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
