@@ -3,7 +3,7 @@
 
 use std::io::Read as _;
 use std::process::{Child, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::process::{Pid, Signal};
 use watchkeeper_testkit::{FakeManager, example_path};
@@ -47,17 +47,9 @@ impl Service {
 
     /// Waits for the child to exit, up to `DEADLINE`; returns its status and stderr.
     pub fn wait(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pid {} did not exit within {DEADLINE:?}",
-                self.pid
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        let Some(status) = watchkeeper_testkit::wait_exit(&mut self.child, DEADLINE).unwrap()
+        else {
+            panic!("pid {} did not exit within {DEADLINE:?}", self.pid)
         };
         let mut stderr = String::new();
         if let Some(mut e) = self.child.stderr.take() {

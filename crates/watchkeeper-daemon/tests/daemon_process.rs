@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::io::{Errno, FdFlags};
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::io::FdFlags;
+use rustix::process::{Pid, Signal};
 use serde_json::json;
 use watchkeeper_daemon::store::{JobState, Store};
 use watchkeeper_jobs::{Client, ClientError, Stats};
@@ -118,30 +118,13 @@ impl Daemon {
     /// Waits for the exit, up to [`DEADLINE`], on a pidfd (no sleeps); returns the status and
     /// stderr.
     fn wait(mut self) -> (ExitStatus, String) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
-        let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            let ts = rustix::time::Timespec {
-                tv_sec: i64::try_from(left.as_secs()).unwrap(),
-                tv_nsec: i64::from(left.subsec_nanos()),
-            };
-            let mut fds = [rustix::event::PollFd::new(
-                &pidfd,
-                rustix::event::PollFlags::IN,
-            )];
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(0) => panic!(
-                    "the daemon did not exit within {DEADLINE:?}:\n{}",
-                    self.log()
-                ),
-                Ok(_) => break,
-                Err(Errno::INTR) => continue,
-                Err(e) => panic!("poll(pidfd): {e}"),
-            }
-        }
-        let status = self.child.wait().unwrap();
+        let Some(status) = watchkeeper_testkit::wait_exit(&mut self.child, DEADLINE).unwrap()
+        else {
+            panic!(
+                "the daemon did not exit within {DEADLINE:?}:\n{}",
+                self.log()
+            )
+        };
         let log = self.log();
         (status, log)
     }

@@ -583,6 +583,39 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
     }
 }
 
+/// Waits up to `timeout` for `child` to exit, without polling in a sleep loop (a pidfd is
+/// waited on); `Ok(None)` if it is still running then. For tests that start a service and wait
+/// for it to stop.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    let pid = rustix::process::Pid::from_child(child);
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let ts = rustix::time::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The path of an example binary built by cargo next to the running test binary
 /// (`target/<profile>/examples/<name>`), for tests that run examples as child processes.
 /// `cargo test` builds the examples of a package before running its tests.
@@ -734,6 +767,25 @@ mod tests {
         m.wait_ready(Duration::from_secs(5)).unwrap();
         assert_eq!(m.dropped(), 1);
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn wait_exit_returns_the_status_or_none_on_timeout() {
+        let mut quick = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let st = wait_exit(&mut quick, Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.code(), Some(3));
+        let mut slow = Command::new("sleep").arg("30").spawn().unwrap();
+        assert_eq!(
+            wait_exit(&mut slow, Duration::from_millis(50)).unwrap(),
+            None
+        );
+        slow.kill().unwrap();
+        let st = wait_exit(&mut slow, Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert!(!st.success());
     }
 
     #[test]

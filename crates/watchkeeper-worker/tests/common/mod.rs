@@ -378,18 +378,13 @@ impl Worker {
 
     /// Waits for the worker to exit, up to `DEADLINE`; returns its status and stderr.
     pub fn wait(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let Some(status) = watchkeeper_testkit::wait_exit(&mut self.child, DEADLINE).unwrap()
+        else {
+            panic!(
                 "worker {} did not exit within {DEADLINE:?}; stderr:\n{}",
                 self.pid,
                 self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            )
         };
         if let Some(r) = self.reader.take() {
             r.join().unwrap();
