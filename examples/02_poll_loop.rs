@@ -85,9 +85,7 @@ async fn main() -> anyhow::Result<()> {
             }
             progress.tick();
             if heartbeat.cycle_count % 10 == 0 {
-                let _ = lifecycle
-                    .status(&format!("polling; {} cycles", heartbeat.cycle_count))
-                    .await;
+                let _ = lifecycle.status(&format!("polling; {} cycles", heartbeat.cycle_count));
             }
         }
         heartbeat.health_status = HealthStatus::Stopping;

@@ -56,7 +56,6 @@ async fn main() -> anyhow::Result<()> {
                 }
                 lifecycle
                     .status(&format!("config: {new}"))
-                    .await
                     .map_err(|e| e.to_string())?;
                 Ok::<(), String>(())
             }

@@ -2,7 +2,8 @@
 //!
 //! On `SIGTERM` the service sends `STOPPING=1`, stops taking new work and lets in-flight jobs
 //! finish, but only within `--stop-timeout-ms` (default 5000): a job that takes longer is not
-//! waited for, and the service exits non-zero so that the unit shows the failed stop. While it
+//! waited for, and the service exits non-zero so that the unit shows the failed stop, naming
+//! the jobs that did not finish. While it
 //! waits it sends `EXTEND_TIMEOUT_USEC=` so that a manager with a shorter `TimeoutStopSec=`
 //! knows it is still making its way out.
 //!
@@ -43,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
     for n in 0..jobs {
         let stop = service.shutdown_token();
         let progress = service.register_loop(format!("job-{n}"));
-        service.spawn(async move {
+        // Named: a stop that times out says which jobs it waited for in vain.
+        service.spawn_named(format!("job-{n}"), async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {

@@ -11,6 +11,18 @@ use watchkeeper_testkit::FakeManager;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Sends a marker straight to the manager and waits for it: everything sent before has been
+/// recorded.
+fn settle(manager: &FakeManager) {
+    let marker = watchkeeper::Notifier::from_env(&manager.env()).unwrap();
+    marker
+        .notify(&[watchkeeper::Notification::custom("X_MARK", "end").unwrap()])
+        .unwrap();
+    manager
+        .wait_for("marker", WAIT, |r| r.get("X_MARK") == Some("end"))
+        .unwrap();
+}
+
 /// A Service pointed at `manager`, without signal handlers (driven through its requests).
 fn unsignalled(manager: &FakeManager) -> Service {
     Service::builder("t")
@@ -28,7 +40,7 @@ async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
     let lifecycle = service.lifecycle();
     let calls = Arc::new(AtomicUsize::new(0));
     service.request_reload().await;
-    let stop = service.shutdown_token();
+    let controller = service.controller();
     let counted = calls.clone();
     let run = tokio::spawn(service.run(move || {
         let n = counted.fetch_add(1, Ordering::SeqCst);
@@ -47,7 +59,7 @@ async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
         Some("reload failed: config.toml:3:1: expected `=`   | 3 | oops")
     );
     assert_eq!(lifecycle.state(), State::Ready);
-    stop.cancel();
+    controller.request_shutdown().await;
     run.await.unwrap().unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     manager.wait_stopping(WAIT).unwrap();
@@ -141,14 +153,7 @@ async fn stop_request_after_the_service_sent_stopping_itself_still_stops() {
         .await
         .expect("run() must return once a stop was requested");
     report.unwrap();
-    // Everything sent before this marker has been recorded.
-    let marker = watchkeeper::Notifier::from_env(&manager.env()).unwrap();
-    marker
-        .notify(&[watchkeeper::Notification::custom("X_MARK", "end").unwrap()])
-        .unwrap();
-    manager
-        .wait_for("marker", WAIT, |r| r.get("X_MARK") == Some("end"))
-        .unwrap();
+    settle(&manager);
     let stops = manager
         .records()
         .iter()
@@ -192,13 +197,13 @@ async fn controller_reload_waits_for_the_outcome() {
         }
     }));
     controller.reload().await.unwrap();
-    // RELOADING=1, then READY=1 with the service's status.
+    // RELOADING=1, then READY=1 alone: "v1" is still showing, nothing to restore.
     let records = manager
         .wait_for("READY=1 after RELOADING=1", WAIT, |r| {
             r.seq == 2 && r.has("READY", "1")
         })
         .unwrap();
-    assert_eq!(records.get("STATUS"), Some("v1"));
+    assert_eq!(records.get("STATUS"), None);
     assert!(manager.records()[1].get("MONOTONIC_USEC").is_some());
     assert_eq!(
         controller.reload().await,
@@ -256,4 +261,162 @@ async fn a_reload_still_queued_when_the_stop_begins_is_answered_at_once() {
         waiter.await.unwrap(),
         Err(watchkeeper::ReloadError::Stopping)
     );
+}
+
+/// Stops the manager reading and fills its queue. Returns how many records the manager will
+/// hold once it has read the queue, for [`resume_and_drain`].
+fn fill_queue(manager: &FakeManager) -> usize {
+    let filler = watchkeeper::Notifier::from_env(&manager.env()).unwrap();
+    manager.pause();
+    let mut queued = 0;
+    while filler
+        .notify(&[watchkeeper::Notification::custom("X_FILL", "1").unwrap()])
+        .is_ok()
+    {
+        queued += 1;
+        assert!(queued < 10_000, "queue never filled");
+    }
+    manager.len() + queued
+}
+
+/// Lets the manager read again and waits (blocking) until it has read the fillers.
+fn resume_and_drain(manager: &FakeManager, filled: usize) {
+    manager.resume();
+    manager
+        .wait_for("the queued datagrams", WAIT, |r| r.seq + 1 >= filled)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_request_was_dropped_still_happens_and_a_later_request_finds_it() {
+    let manager = FakeManager::start().unwrap();
+    let service = unsignalled(&manager);
+    service.lifecycle().ready().await.unwrap();
+    let stop = service.shutdown_token();
+    let controller = service.controller();
+    let run = tokio::spawn(service.run(watchkeeper::service::no_reload));
+
+    // STOPPING=1 meets a full queue and the requester gives up waiting (a timeout around it).
+    fill_queue(&manager);
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), controller.request_shutdown()).await;
+    assert!(gave_up.is_err(), "STOPPING=1 cannot have gone out");
+    // The stop went on without its requester: the tasks are told at once.
+    tokio::time::timeout(WAIT, stop.cancelled())
+        .await
+        .expect("the shutdown token is cancelled although the request was dropped");
+
+    // PID 1 reads again; a later request (a second SIGTERM) finds the stop under way.
+    manager.resume();
+    tokio::time::timeout(WAIT, controller.request_shutdown())
+        .await
+        .expect("the later request returns once STOPPING=1 is out");
+    let report = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run() returns: the stop was not lost");
+    report.unwrap().unwrap();
+    manager.wait_stopping(WAIT).unwrap();
+    manager.check_stopped_cleanly().unwrap();
+}
+
+/// READY=1 and STOPPING=1 wait for a full queue as long as the start or the stop may take
+/// (sd_notify() would block), not 2 s. Under tokio's paused clock: the 5 s below pass at once.
+#[tokio::test(start_paused = true)]
+async fn ready_and_stopping_outlast_a_full_queue() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env())
+        .handle_signals(false)
+        .start_timeout(Duration::from_secs(60))
+        .stop_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let lifecycle = service.lifecycle();
+
+    let filled = fill_queue(&manager);
+    let ready = tokio::spawn(async move { lifecycle.ready().await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!ready.is_finished(), "READY=1 gave up: {:?}", ready.await);
+    resume_and_drain(&manager, filled);
+    assert_eq!(ready.await.unwrap().unwrap(), watchkeeper::Delivery::Sent);
+    manager.wait_ready(WAIT).unwrap();
+
+    let filled = fill_queue(&manager);
+    let controller = service.controller();
+    let stop = tokio::spawn(async move { controller.request_shutdown().await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!stop.is_finished(), "STOPPING=1 gave up");
+    resume_and_drain(&manager, filled);
+    stop.await.unwrap();
+    manager.wait_stopping(WAIT).unwrap();
+    service.run(watchkeeper::service::no_reload).await.unwrap();
+    manager.check_stopped_cleanly().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_never_waits_and_only_the_latest_text_reaches_a_busy_manager() {
+    let manager = FakeManager::start().unwrap();
+    let service = unsignalled(&manager);
+    let lifecycle = service.lifecycle();
+    service.lifecycle().ready().await.unwrap();
+
+    let filled = fill_queue(&manager);
+    for text in ["one", "two", "three"] {
+        assert_eq!(
+            lifecycle.status(text).unwrap(),
+            watchkeeper::Delivery::Pending,
+            "a full queue keeps the text for later"
+        );
+    }
+    assert_eq!(lifecycle.last_status().as_deref(), Some("three"));
+    resume_and_drain(&manager, filled);
+    manager
+        .wait_for("the latest status", WAIT, |r| {
+            r.get("STATUS") == Some("three")
+        })
+        .unwrap();
+    settle(&manager);
+    let statuses: Vec<String> = manager
+        .records()
+        .iter()
+        .filter_map(|r| r.get("STATUS").map(str::to_owned))
+        .collect();
+    assert_eq!(statuses, ["three"], "older pending texts were replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_after_a_good_reload_does_not_resend_an_older_status() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env_with_watchdog(Duration::from_millis(400)))
+        .handle_signals(false)
+        .build()
+        .unwrap();
+    // A loop that never ticks: the keeper shows the stall in STATUS=.
+    let _stalled = service.register_loop("poll");
+    service
+        .lifecycle()
+        .ready_with_status("serving")
+        .await
+        .unwrap();
+    let controller = service.controller();
+    let run = tokio::spawn(service.run(watchkeeper::service::no_reload));
+    let stall = manager
+        .wait_for("the stall in STATUS", WAIT, |r| {
+            r.get("STATUS").is_some_and(|s| s.starts_with("stalled"))
+        })
+        .unwrap();
+    controller.reload().await.unwrap();
+    let ready = manager
+        .wait_for_since(stall.seq, "READY=1 after the reload", WAIT, |r| {
+            r.has("READY", "1")
+        })
+        .unwrap();
+    assert_eq!(
+        ready.get("STATUS"),
+        None,
+        "READY=1 must not put 'serving' over the stall report"
+    );
+    controller.request_shutdown().await;
+    run.await.unwrap().unwrap();
 }

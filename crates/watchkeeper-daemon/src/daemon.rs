@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use watchkeeper::activation::{self, ListenFds};
 use watchkeeper::logging::{self, LogConfig};
-use watchkeeper::{Lifecycle, Progress, Service, State, SystemdEnv};
+use watchkeeper::{Delivery, Lifecycle, Progress, Service, State, SystemdEnv};
 use watchkeeper_jobs::Stats;
 
 use crate::config::Config;
@@ -74,12 +74,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(DaemonError::Service)?;
     let lifecycle = service.lifecycle();
 
+    // A stop during the start is a clean stop: the start completes, `READY=1` is skipped
+    // (`Delivery::Stopping`) and `service.run` below finishes the stop, so the daemon exits 0.
+    let _ = lifecycle.status("starting: opening the job store");
     let started = match start(&opts, &mut fds).await {
         Ok(started) => started,
         Err(e) => {
-            let _ = lifecycle
-                .status(&format!("failed to start: {}", error_chain(&e)))
-                .await;
+            let _ = lifecycle.status(&format!("failed to start: {}", error_chain(&e)));
             return Err(e);
         }
     };
@@ -93,7 +94,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         stats,
     } = started;
 
-    let stop = service.shutdown_token();
+    let stop: CancellationToken = service.shutdown_token().into();
     let (config_tx, config_rx) = watch::channel(config.clone());
     let (counts_tx, counts_rx) = watch::channel(stats.clone());
     let (note_tx, note_rx) = watch::channel(None::<String>);
@@ -123,20 +124,24 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         stop,
     ));
 
-    lifecycle
+    let ready = lifecycle
         .ready_with_status(&status_line(&stats, None))
         .await
         .map_err(DaemonError::Ready)?;
-    tracing::info!(
+    if ready == Delivery::Stopping {
+        tracing::info!("asked to stop during the start; stopping");
+    } else {
+        tracing::info!(
         socket = %listening_on,
         lease_secs = config.lease_secs,
         max_attempts = config.max_attempts,
         allowed_uids = ?config.allowed_uids,
         extra_allowed_uids = ?opts.allow_uids,
         status_interval_secs = config.status_interval_secs,
-        "ready; {}",
-        status_line(&stats, None)
-    );
+            "ready; {}",
+            status_line(&stats, None)
+        );
+    }
 
     let reloader = Reloader {
         path: opts.config.clone(),
@@ -297,7 +302,7 @@ async fn report_status(
         {
             continue;
         }
-        if let Err(e) = lifecycle.status(&line).await {
+        if let Err(e) = lifecycle.status(&line) {
             tracing::debug!(error = %e, "STATUS= not sent");
         }
     }
@@ -343,7 +348,7 @@ impl Reloader {
         self.config.send_replace(new);
         self.note.send_replace(None);
         let line = status_line(&self.counts.borrow(), None);
-        if let Err(e) = self.lifecycle.status(&line).await {
+        if let Err(e) = self.lifecycle.status(&line) {
             tracing::debug!(error = %e, "STATUS= not sent");
         }
         Ok(())

@@ -616,3 +616,42 @@ fn reload_request_answers_once_the_reload_is_over_and_reports_a_refusal() {
     manager.wait_stopping(DEADLINE).unwrap();
     manager.check_stopped_cleanly().unwrap();
 }
+
+#[test]
+fn sigterm_during_the_start_is_a_clean_stop() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    let manager = FakeManager::start().unwrap();
+    // A first run creates the store; then another connection holds its write lock, so that
+    // the next start waits in the store's recovery sweep.
+    let first = Daemon::start(&manager, &dirs, &[], None);
+    manager.wait_ready(DEADLINE).unwrap();
+    first.signal(Signal::TERM);
+    let (status, log) = first.wait();
+    assert!(status.success(), "{status}\n{log}");
+    let db = rusqlite::Connection::open(dirs.state().join("jobs.sqlite3")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    manager
+        .wait_for("the start under way", DEADLINE, |r| {
+            r.get("STATUS") == Some("starting: opening the job store")
+        })
+        .unwrap();
+    daemon.signal(Signal::TERM);
+    manager.wait_stopping(DEADLINE).unwrap();
+    // The start may now finish; nothing is announced as ready.
+    db.execute_batch("COMMIT").unwrap();
+    let (status, log) = daemon.wait();
+    assert!(
+        status.success(),
+        "a stop during the start is a clean stop: {status}\n{log}"
+    );
+    assert!(
+        !manager.records().iter().any(|r| r.has("READY", "1")),
+        "READY=1 after the stop began:\n{log}"
+    );
+    manager.check_stopped_cleanly().unwrap();
+    assert!(!dirs.socket().exists(), "socket file left behind");
+}

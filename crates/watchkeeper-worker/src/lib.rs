@@ -185,7 +185,7 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
     let supervision = poll::Supervision {
         lifecycle: service.lifecycle(),
         progress: service.register_loop("poll"),
-        stop: service.shutdown_token(),
+        stop: service.shutdown_token().into(),
         heartbeat: Heartbeat::new(SERVICE_NAME, &env),
         writer,
     };

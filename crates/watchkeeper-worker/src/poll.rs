@@ -692,7 +692,7 @@ impl PollLoop {
             return;
         }
         let line = text.replace(['\n', '\0'], " ");
-        match self.sup.lifecycle.status(&line).await {
+        match self.sup.lifecycle.status(&line) {
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "STATUS not sent"),
         }

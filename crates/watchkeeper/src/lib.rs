@@ -84,5 +84,7 @@ pub mod watchdog;
 pub use env::{EnvError, NotifyAddr, SystemdEnv};
 pub use lifecycle::{Lifecycle, LifecycleError, State};
 pub use notify::{Delivery, Notification, Notifier, NotifyError};
-pub use service::{Controller, ReloadError, Service, ServiceBuilder, ServiceError, StopReport};
+pub use service::{
+    Controller, ReloadError, Service, ServiceBuilder, ServiceError, ShutdownToken, StopReport,
+};
 pub use watchdog::{Progress, Watchdog};

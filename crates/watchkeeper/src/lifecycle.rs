@@ -4,16 +4,39 @@
 //! [`Lifecycle`] sends `READY=1`, `RELOADING=1`, `STOPPING=1` and `STATUS=` and refuses
 //! messages out of order: `READY=1` exactly once per start or reload, `RELOADING=1` only when
 //! ready, nothing after `STOPPING=1` but status and timeout extensions (since systemd 259,
-//! `STOPPING=1` cannot be undone). State messages that meet a full manager queue are retried for
-//! a bounded time, asynchronously, rather than lost.
+//! `STOPPING=1` cannot be undone).
+//!
+//! # A full manager queue
+//!
+//! `sd_notify()` blocks when the manager's queue is full (`sd-daemon.c` sends on a blocking
+//! socket, `sendmsg(…, MSG_NOSIGNAL)` without `MSG_DONTWAIT` or a send timeout), so a C service
+//! waits as long as PID 1 needs. Here nothing blocks a runtime thread; instead:
+//!
+//! * `READY=1` is retried for as long as the start may take (the start timeout, default
+//!   90 s as systemd's `DefaultTimeoutStartSec=`), and given up at once when a stop begins;
+//! * `STOPPING=1` is retried for as long as the stop may take (the stop timeout);
+//! * `STATUS=` never waits: [`Lifecycle::status`] returns at once, and on a full queue the
+//!   newest text is kept (one, not a queue of them) and delivered by a background retry;
+//! * other messages (`RELOADING=1`, `EXTEND_TIMEOUT_USEC=`, …) are retried for up to 2 s.
+//!
+//! # A stop during the start
+//!
+//! A service asked to stop before it sent `READY=1` has nothing to be ready for:
+//! [`Lifecycle::ready`] then sends nothing and returns `Ok(`[`Delivery::Stopping`]`)`, so that
+//! the natural code, `lifecycle.ready().await?` followed by
+//! [`Service::run`](crate::Service::run), completes the stop and exits 0, as systemd expects
+//! from a unit stopped while it was activating.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::notify::{Delivery, InvalidMessage, Notification, Notifier, NotifyError};
+use crate::service::{DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 
 /// Where a service is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,14 +82,46 @@ pub enum LifecycleError {
     Notify(#[from] NotifyError),
 }
 
+/// How long other state messages are retried while the manager's queue is full.
+const QUEUE_FULL_BUDGET: Duration = Duration::from_secs(2);
+
+/// Longest pause between two attempts on a full queue.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The `STATUS=` text: the service's own, and what is on its way.
+#[derive(Debug, Default)]
+struct StatusSlot {
+    /// The last status the service set, restored after a watchdog stall or a failed reload.
+    own: Option<String>,
+    /// The newest `STATUS=` a full queue refused, for the background retry.
+    pending: Option<Notification>,
+    /// Whether the background retry runs.
+    retrying: bool,
+    /// The text last delivered was not the service's own (a reload failure): the `READY=1` that
+    /// ends the next good reload puts the own text back.
+    transient_shown: bool,
+}
+
 #[derive(Debug)]
 struct Inner {
     notifier: Arc<Notifier>,
-    /// Serializes lifecycle messages so they reach the manager in the order decided.
+    /// Serializes state messages so they reach the manager in the order decided.
     order: tokio::sync::Mutex<()>,
     state: watch::Sender<State>,
-    /// The last status the service set, restored after a watchdog stall clears.
-    status: Mutex<Option<String>>,
+    status: Mutex<StatusSlot>,
+    /// A stop was requested: `READY=1` is no longer due (set before `STOPPING=1` goes out).
+    stop_requested: AtomicBool,
+    ready_budget: Duration,
+    stop_budget: Duration,
+    /// Where the status retry runs when `status` is called outside a runtime.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Inner {
+    fn slot(&self) -> MutexGuard<'_, StatusSlot> {
+        // Every update of the slot is a plain assignment: a panic cannot leave it torn.
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Handle on the service's lifecycle; cheap to clone.
@@ -75,18 +130,52 @@ pub struct Lifecycle {
     inner: Arc<Inner>,
 }
 
-/// How long a state message is retried while the manager's queue is full.
-const QUEUE_FULL_BUDGET: Duration = Duration::from_secs(2);
+/// The `STATUS=` that goes with a state message.
+#[derive(Debug, Clone, Copy)]
+enum WithStatus<'a> {
+    /// None.
+    No,
+    /// The service's own text, as it is at the moment of sending (never an older one).
+    Own,
+    /// The service's own text, only if a transient one is showing.
+    RestoreOwn,
+    /// A text that is not remembered as the service's own.
+    Transient(&'a Notification),
+}
+
+/// How long a state message is retried on a full queue.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    /// Up to this long.
+    For(Duration),
+    /// `READY=1`: up to this long, and not once a stop was requested.
+    UntilStop(Duration),
+}
 
 impl Lifecycle {
-    /// A lifecycle in [`State::Starting`] that sends through `notifier`.
+    /// A lifecycle in [`State::Starting`] that sends through `notifier`, with the default
+    /// start and stop bounds ([`DEFAULT_START_TIMEOUT`], [`DEFAULT_STOP_TIMEOUT`]).
     pub fn new(notifier: Arc<Notifier>) -> Self {
+        Self::with_bounds(notifier, DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT)
+    }
+
+    /// A lifecycle whose `READY=1` is retried for up to `start_timeout` and `STOPPING=1` for
+    /// up to `stop_timeout` while the manager's queue is full.
+    pub fn with_bounds(
+        notifier: Arc<Notifier>,
+        start_timeout: Duration,
+        stop_timeout: Duration,
+    ) -> Self {
         Lifecycle {
             inner: Arc::new(Inner {
                 notifier,
                 order: tokio::sync::Mutex::new(()),
                 state: watch::Sender::new(State::Starting),
-                status: Mutex::new(None),
+                status: Mutex::new(StatusSlot::default()),
+                stop_requested: AtomicBool::new(false),
+                ready_budget: start_timeout,
+                stop_budget: stop_timeout,
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -108,31 +197,57 @@ impl Lifecycle {
         &self.inner.notifier
     }
 
-    /// `READY=1`: start-up (or a reload) is complete. Refused if already ready or stopping.
-    pub async fn ready(&self) -> Result<Delivery, LifecycleError> {
-        self.transition("READY=1", &[Notification::Ready], State::Ready, |s| {
-            matches!(s, State::Starting | State::Reloading)
-        })
-        .await
+    /// Whether a stop was requested (a signal, a request, or [`Lifecycle::stopping`]), even if
+    /// `STOPPING=1` is still on its way.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stop_requested.load(Ordering::SeqCst) || self.state() == State::Stopping
     }
 
-    /// `READY=1` and `STATUS=` in one datagram.
+    /// `READY=1`: start-up (or a reload) is complete. Refused if already ready.
+    ///
+    /// Once a stop was requested it sends nothing and returns `Ok(`[`Delivery::Stopping`]`)`:
+    /// a stop during the start is a clean stop, so go on to [`Service::run`](crate::Service::run)
+    /// as usual. On a full manager queue it is retried for as long as the start may take.
+    pub async fn ready(&self) -> Result<Delivery, LifecycleError> {
+        self.ready_inner(WithStatus::No).await
+    }
+
+    /// `READY=1` and `STATUS=` in one datagram; see [`Lifecycle::ready`]. The status is
+    /// remembered as the service's own either way.
     pub async fn ready_with_status(&self, status: &str) -> Result<Delivery, LifecycleError> {
-        let d = self.ready_with_transient_status(status).await?;
+        Notification::status(status)?;
         self.remember_status(status);
-        Ok(d)
+        self.ready_inner(WithStatus::Own).await
     }
 
     /// `READY=1` with a status that is not remembered as the service's own (restored after a
-    /// watchdog stall), e.g. a reload failure.
+    /// watchdog stall or the next good reload), e.g. a reload failure.
     pub(crate) async fn ready_with_transient_status(
         &self,
         status: &str,
     ) -> Result<Delivery, LifecycleError> {
         let st = Notification::status(status)?;
-        self.transition("READY=1", &[Notification::Ready, st], State::Ready, |s| {
-            matches!(s, State::Starting | State::Reloading)
-        })
+        self.ready_inner(WithStatus::Transient(&st)).await
+    }
+
+    /// `READY=1` that ends a good reload: with the service's own status only if a transient one
+    /// (a reload failure) is showing, so that it never resends a text older than the screen's.
+    pub(crate) async fn ready_after_reload(&self) -> Result<Delivery, LifecycleError> {
+        self.ready_inner(WithStatus::RestoreOwn).await
+    }
+
+    async fn ready_inner(&self, status: WithStatus<'_>) -> Result<Delivery, LifecycleError> {
+        if self.is_stopping() {
+            return Ok(Delivery::Stopping);
+        }
+        self.transition(
+            "READY=1",
+            Notification::Ready,
+            status,
+            State::Ready,
+            Budget::UntilStop(self.inner.ready_budget),
+            |s| matches!(s, State::Starting | State::Reloading),
+        )
         .await
     }
 
@@ -140,31 +255,71 @@ impl Lifecycle {
     pub async fn reloading(&self) -> Result<Delivery, LifecycleError> {
         self.transition(
             "RELOADING=1",
-            &[Notification::reloading_now()],
+            Notification::reloading_now(),
+            WithStatus::No,
             State::Reloading,
+            Budget::For(QUEUE_FULL_BUDGET),
             |s| s == State::Ready,
         )
         .await
     }
 
-    /// `STOPPING=1`: shutdown begins. Refused only if already stopping.
+    /// `STOPPING=1`: shutdown begins. Refused only if already stopping. On a full manager queue
+    /// it is retried for as long as the stop may take.
     pub async fn stopping(&self) -> Result<Delivery, LifecycleError> {
+        self.request_stop();
         self.transition(
             "STOPPING=1",
-            &[Notification::Stopping],
+            Notification::Stopping,
+            WithStatus::No,
             State::Stopping,
+            Budget::For(self.inner.stop_budget),
             |s| s != State::Stopping,
         )
         .await
     }
 
-    /// `STATUS=`: one line for `systemctl status`, in any state.
-    pub async fn status(&self, text: &str) -> Result<Delivery, LifecycleError> {
+    /// Marks the stop as requested: `READY=1` is no longer sent (nor waited for).
+    pub(crate) fn request_stop(&self) {
+        self.inner.stop_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// `STATUS=`: one line for `systemctl status`, in any state. Never waits.
+    ///
+    /// When the manager's queue is full the text is kept and a background retry delivers it
+    /// (`Ok(`[`Delivery::Pending`]`)`); a newer text replaces a pending one, so only the latest
+    /// goes out. The retry needs a tokio runtime (the current one, or the one this lifecycle
+    /// was created in); without one, a pending text goes out with the next message that
+    /// carries a status.
+    pub fn status(&self, text: &str) -> Result<Delivery, LifecycleError> {
         let msg = Notification::status(text)?;
-        let _order = self.inner.order.lock().await;
-        // Remembered first, so that a watchdog recovery racing with this restores the newer text.
-        self.remember_status(text);
-        Ok(self.send_retrying(&[msg]).await?)
+        let mut slot = self.inner.slot();
+        slot.own = Some(text.to_owned());
+        match self.inner.notifier.notify(std::slice::from_ref(&msg)) {
+            Ok(d) => {
+                slot.pending = None;
+                slot.transient_shown = false;
+                Ok(d)
+            }
+            Err(NotifyError::QueueFull { .. }) => {
+                slot.pending = Some(msg);
+                if !slot.retrying {
+                    let runtime = tokio::runtime::Handle::try_current()
+                        .ok()
+                        .or_else(|| self.inner.runtime.clone());
+                    if let Some(rt) = runtime {
+                        slot.retrying = true;
+                        rt.spawn(retry_status(self.inner.clone()));
+                    }
+                }
+                Ok(Delivery::Pending)
+            }
+            Err(e) => {
+                slot.pending = None;
+                self.inner.notifier.log_failure("STATUS", &e);
+                Err(e.into())
+            }
+        }
     }
 
     /// `EXTEND_TIMEOUT_USEC=`: the manager must hear from us again within `within`
@@ -181,32 +336,38 @@ impl Lifecycle {
         let msg = Notification::status(status)?;
         let _order = self.inner.order.lock().await;
         Ok(self
-            .send_retrying(&[Notification::Errno(errno), msg])
+            .send_state(
+                &Notification::Errno(errno),
+                WithStatus::Transient(&msg),
+                Budget::For(QUEUE_FULL_BUDGET),
+            )
             .await?)
+    }
+
+    /// `EXTEND_TIMEOUT_USEC=` once, without waiting for the order lock or a full queue (the
+    /// stop's repeated extensions: the next one follows soon).
+    pub(crate) fn try_extend_timeout(&self, within: Duration) -> Result<Delivery, NotifyError> {
+        self.inner
+            .notifier
+            .notify(&[Notification::extend_timeout(within)])
     }
 
     /// The last status set through this handle.
     pub fn last_status(&self) -> Option<String> {
-        self.inner
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.inner.slot().own.clone()
     }
 
     fn remember_status(&self, text: &str) {
-        *self
-            .inner
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(text.to_owned());
+        self.inner.slot().own = Some(text.to_owned());
     }
 
     async fn transition(
         &self,
         message: &'static str,
-        msgs: &[Notification],
+        head: Notification,
+        status: WithStatus<'_>,
         to: State,
+        budget: Budget,
         allowed: impl Fn(State) -> bool,
     ) -> Result<Delivery, LifecycleError> {
         let _order = self.inner.order.lock().await;
@@ -214,28 +375,99 @@ impl Lifecycle {
         if !allowed(state) {
             return Err(LifecycleError::OutOfOrder { state, message });
         }
-        let d = self.send_retrying(msgs).await?;
-        self.inner.state.send_replace(to);
+        let d = self.send_state(&head, status, budget).await?;
+        if d != Delivery::Stopping {
+            self.inner.state.send_replace(to);
+        }
         Ok(d)
     }
 
-    /// Sends, retrying with backoff for up to [`QUEUE_FULL_BUDGET`] while the queue is full.
-    /// Other failures are logged (once) and returned.
+    /// One attempt: `head` with its status, composed and sent under the status lock so that a
+    /// pending status never overtakes it (and it never carries a text older than the pending
+    /// one).
+    fn attempt(
+        &self,
+        head: &Notification,
+        status: WithStatus<'_>,
+    ) -> Result<Delivery, NotifyError> {
+        let mut slot = self.inner.slot();
+        let own = match status {
+            WithStatus::Own => slot.own.clone(),
+            WithStatus::RestoreOwn if slot.transient_shown => slot.own.clone(),
+            _ => None,
+        };
+        let own = own.and_then(|t| Notification::status(t).ok());
+        let carried = match status {
+            WithStatus::Transient(t) => Some(t),
+            _ => own.as_ref(),
+        };
+        let d = match carried {
+            Some(st) => self.inner.notifier.notify(&[head.clone(), st.clone()]),
+            None => self.inner.notifier.notify(std::slice::from_ref(head)),
+        }?;
+        if carried.is_some() {
+            slot.pending = None;
+            slot.transient_shown = matches!(status, WithStatus::Transient(_));
+        }
+        Ok(d)
+    }
+
+    /// Sends `head` (and its status), retrying with backoff while the queue is full, within
+    /// `budget`. Other failures are logged (once) and returned.
+    async fn send_state(
+        &self,
+        head: &Notification,
+        status: WithStatus<'_>,
+        budget: Budget,
+    ) -> Result<Delivery, NotifyError> {
+        let (limit, until_stop) = match budget {
+            Budget::For(d) => (d, false),
+            Budget::UntilStop(d) => (d, true),
+        };
+        // No deadline when it does not fit an Instant (e.g. Duration::MAX).
+        let deadline = Instant::now().checked_add(limit);
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            match self.attempt(head, status) {
+                Err(NotifyError::QueueFull { .. })
+                    if deadline.is_none_or(|d| Instant::now() < d) =>
+                {
+                    if until_stop && self.inner.stop_requested.load(Ordering::SeqCst) {
+                        return Ok(Delivery::Stopping);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => {
+                    self.inner.notifier.log_failure(&describe(head), &e);
+                    return Err(e);
+                }
+                Ok(d) => return Ok(d),
+            }
+        }
+    }
+
+    /// Sends `msgs`, retrying with backoff for up to 2 s while the queue is full. Other
+    /// failures are logged (once) and returned.
     pub(crate) async fn send_retrying(
         &self,
         msgs: &[Notification],
     ) -> Result<Delivery, NotifyError> {
         let notifier = &self.inner.notifier;
-        let deadline = tokio::time::Instant::now() + QUEUE_FULL_BUDGET;
+        let deadline = Instant::now().checked_add(QUEUE_FULL_BUDGET);
         let mut backoff = Duration::from_millis(1);
         loop {
             match notifier.notify(msgs) {
-                Err(NotifyError::QueueFull { .. }) if tokio::time::Instant::now() < deadline => {
+                Err(NotifyError::QueueFull { .. })
+                    if deadline.is_none_or(|d| Instant::now() < d) =>
+                {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
-                    notifier.log_failure(&describe(msgs), &e);
+                    if let Some(first) = msgs.first() {
+                        notifier.log_failure(&describe(first), &e);
+                    }
                     return Err(e);
                 }
                 Ok(d) => return Ok(d),
@@ -244,13 +476,37 @@ impl Lifecycle {
     }
 }
 
-fn describe(msgs: &[Notification]) -> String {
-    msgs.first()
-        .map(|m| {
-            let s = m.to_string();
-            s.split('=').next().unwrap_or_default().to_owned()
-        })
-        .unwrap_or_default()
+/// Delivers the pending `STATUS=` once the manager's queue has room; ends when nothing is
+/// pending. A newer text set meanwhile replaces the pending one.
+async fn retry_status(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let mut slot = inner.slot();
+        let Some(msg) = slot.pending.take() else {
+            slot.retrying = false;
+            return;
+        };
+        match inner.notifier.notify(std::slice::from_ref(&msg)) {
+            Ok(_) => {
+                slot.transient_shown = false;
+                slot.retrying = false;
+                return;
+            }
+            Err(NotifyError::QueueFull { .. }) => slot.pending = Some(msg),
+            Err(e) => {
+                inner.notifier.log_failure("STATUS", &e);
+                slot.retrying = false;
+                return;
+            }
+        }
+    }
+}
+
+fn describe(msg: &Notification) -> String {
+    let s = msg.to_string();
+    s.split('=').next().unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]
@@ -306,7 +562,9 @@ mod tests {
         assert_eq!(recv(&rx), "READY=1");
         lc.stopping().await.unwrap();
         assert_eq!(recv(&rx), "STOPPING=1");
-        for r in [lc.ready().await, lc.reloading().await, lc.stopping().await] {
+        // READY=1 after a stop began is not an error: nothing is due (a stop during the start).
+        assert_eq!(lc.ready().await.unwrap(), Delivery::Stopping);
+        for r in [lc.reloading().await, lc.stopping().await] {
             assert!(
                 matches!(
                     r,
@@ -319,7 +577,7 @@ mod tests {
             );
         }
         // Status and extensions still go out while stopping.
-        lc.status("draining").await.unwrap();
+        lc.status("draining").unwrap();
         assert_eq!(recv(&rx), "STATUS=draining");
         lc.extend_timeout(Duration::from_secs(3)).await.unwrap();
         assert_eq!(recv(&rx), "EXTEND_TIMEOUT_USEC=3000000");

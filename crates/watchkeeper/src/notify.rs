@@ -315,11 +315,19 @@ pub(crate) fn usec(d: Duration) -> u64 {
 
 /// What happened to a notification that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Delivery {
     /// The datagram was queued at the manager's socket.
     Sent,
     /// `NOTIFY_SOCKET` is unset: no manager listens, nothing was sent (not an error).
     NotSupervised,
+    /// The manager's queue is full: the message is kept and a background retry delivers it
+    /// (only [`Lifecycle::status`](crate::Lifecycle::status), latest text wins).
+    Pending,
+    /// Nothing was sent because the service is stopping: `READY=1` requested after a stop
+    /// began (a stop during the start). Not an error: go on to
+    /// [`Service::run`](crate::Service::run), which completes the stop.
+    Stopping,
 }
 
 /// A notification that could not be delivered.

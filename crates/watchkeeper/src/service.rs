@@ -3,22 +3,52 @@
 //! Built inside a tokio runtime, a [`Service`] connects to the manager, starts the watchdog
 //! keeper and turns signals into lifecycle events:
 //!
-//! * `SIGTERM`/`SIGINT` → `STOPPING=1`, then the [`shutdown token`](Service::shutdown_token) is
-//!   cancelled; [`Service::run`] then waits for the tasks started with [`Service::spawn`], up to
-//!   the stop timeout, sending `EXTEND_TIMEOUT_USEC=` while it waits;
+//! * `SIGTERM`/`SIGINT` → the stop begins: the [`shutdown token`](Service::shutdown_token) is
+//!   cancelled and `STOPPING=1` goes out (retried on a full manager queue for as long as the
+//!   stop may take); [`Service::run`] then waits for the tasks started with [`Service::spawn`],
+//!   up to the stop timeout, sending `EXTEND_TIMEOUT_USEC=` while it waits;
 //! * `SIGHUP` → `RELOADING=1` + `MONOTONIC_USEC=` at once (systemd 252's `ExecReload=kill -HUP`
 //!   only waits for the reload if `RELOADING=1` arrives before `kill` exits), then the reload
-//!   callback given to [`Service::run`], then `READY=1`.
+//!   callback given to [`Service::run`], then `READY=1`. A `SIGHUP` during a reload is
+//!   remembered: one more reload follows that one's `READY=1`.
+//!
+//! The stop is idempotent and cannot be cancelled: it runs in a task of its own, so a caller
+//! that drops the future of [`Service::request_shutdown`] (a timeout around it) does not lose
+//! it, and every later request finds it under way.
+//!
+//! # A stop during the start
+//!
+//! `SIGTERM` before `READY=1` is a clean stop, as systemd sees a unit stopped while activating.
+//! [`Lifecycle::ready`] then sends nothing and returns `Ok(`[`Delivery::Stopping`]`)`, and
+//! [`Service::run`] completes the stop and returns `Ok`, so this exits 0:
+//!
+//! ```no_run
+//! # async fn start_up() {}
+//! # async fn demo() -> Result<(), watchkeeper::ServiceError> {
+//! let service = watchkeeper::Service::builder("demo").build()?;
+//! let stop = service.shutdown_token();
+//! tokio::select! {
+//!     () = start_up() => {}
+//!     () = stop.cancelled() => {} // no need to finish starting
+//! }
+//! service.lifecycle().ready().await?; // Ok(Delivery::Stopping) if the stop came first
+//! service.run(watchkeeper::service::no_reload).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`Delivery::Stopping`]: crate::Delivery::Stopping
 
-use std::fmt::Display;
+use std::collections::BTreeMap;
+use std::fmt::{self, Display};
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +61,10 @@ use crate::watchdog::{Names, Progress, Watchdog};
 
 /// Default bound on a graceful stop; below systemd's default `TimeoutStopSec=` of 90 s.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default bound on the start, for the retries of `READY=1` on a full manager queue: systemd's
+/// `DefaultTimeoutStartSec=`.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How often `EXTEND_TIMEOUT_USEC=` is repeated during a stop, by default.
 pub const DEFAULT_EXTEND_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,14 +87,30 @@ pub enum ServiceError {
     Lifecycle(#[from] LifecycleError),
     /// The graceful stop did not finish in time.
     #[error(
-        "graceful stop did not finish within {timeout:?}: {still_running} task(s) still running"
+        "graceful stop did not finish within {timeout:?}: {still_running} task(s) still running{}",
+        UnfinishedNames(unfinished)
     )]
     StopTimeout {
         /// The bound that was exceeded.
         timeout: Duration,
-        /// Tasks that had not finished.
+        /// Tasks that had not finished, named or not.
         still_running: usize,
+        /// The names of the unfinished tasks started with [`Service::spawn_named`], in the
+        /// order they were spawned.
+        unfinished: Vec<String>,
     },
+}
+
+/// `: 'a', 'b'` after the count, or nothing.
+struct UnfinishedNames<'a>(&'a [String]);
+
+impl Display for UnfinishedNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        write!(f, ": {}", Names(self.0))
+    }
 }
 
 /// Builds a [`Service`]. Every setting has a default.
@@ -69,6 +119,7 @@ pub enum ServiceError {
 pub struct ServiceBuilder {
     name: String,
     env: Option<SystemdEnv>,
+    start_timeout: Duration,
     stop_timeout: Duration,
     extend_interval: Duration,
     signals: bool,
@@ -81,8 +132,17 @@ impl ServiceBuilder {
         self
     }
 
+    /// How long the start may take; keep it at the unit's `TimeoutStartSec=`. `READY=1` is
+    /// retried this long while the manager's queue is full (`sd_notify()` would block).
+    /// Default [`DEFAULT_START_TIMEOUT`].
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
     /// Bound on the graceful stop. Default [`DEFAULT_STOP_TIMEOUT`]; keep it below the unit's
-    /// `TimeoutStopSec=`.
+    /// `TimeoutStopSec=`. `STOPPING=1` is retried this long on a full manager queue.
+    /// `Duration::MAX` means no bound.
     pub fn stop_timeout(mut self, timeout: Duration) -> Self {
         self.stop_timeout = timeout;
         self
@@ -118,15 +178,21 @@ impl ServiceBuilder {
         };
         let notifier = Arc::new(notifier);
         let watchdog = Watchdog::new(env.watchdog(std::process::id())?);
-        let lifecycle = Lifecycle::new(notifier.clone());
+        let lifecycle =
+            Lifecycle::with_bounds(notifier.clone(), self.start_timeout, self.stop_timeout);
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let control = Control {
-            stop_started: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(StopState {
+                started: AtomicBool::new(false),
+                told: watch::Sender::new(false),
+            }),
+            again_queued: Arc::new(AtomicBool::new(false)),
             lifecycle: lifecycle.clone(),
             watchdog: watchdog.clone(),
             shutdown: shutdown.clone(),
             reload_tx,
+            runtime: rt.clone(),
         };
 
         let keeper = {
@@ -154,22 +220,16 @@ impl ServiceBuilder {
             ))
         };
 
-        // When the Service is dropped its handlers go, but signal-hook leaves the process
-        // ignoring these signals; this flag brings back their default action (terminate).
-        let restore_defaults = Arc::new(AtomicBool::new(false));
         let signals = if self.signals {
-            for sig in [SIGTERM, SIGINT, SIGHUP] {
-                if let Err(e) =
-                    signal_hook::flag::register_conditional_default(sig, restore_defaults.clone())
-                {
-                    tracing::warn!(signal = sig, error = %e, "cannot arrange the default action after drop");
-                }
-            }
             match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
                 Ok(signals) => {
                     let handle = signals.handle();
                     let task = rt.spawn(control.clone().handle_signals(signals));
-                    Some((handle, task))
+                    Some(SignalTask {
+                        handle,
+                        task,
+                        _defaults: SignalDefaults::acquire(),
+                    })
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot install signal handlers; SIGTERM will kill the process without a graceful stop");
@@ -186,12 +246,118 @@ impl ServiceBuilder {
             control,
             watchdog_keeper: keeper,
             signals,
-            restore_defaults,
             reload_rx,
             tracker: TaskTracker::new(),
+            named: NamedTasks::default(),
             stop_timeout: self.stop_timeout,
             extend_interval: self.extend_interval,
         })
+    }
+}
+
+/// The process-wide default action for the handled signals.
+///
+/// Once signal-hook has installed its handler for a signal it stays installed; with no
+/// [`Service`] left to read the signals they would be ignored. One conditional default action
+/// per signal, registered once for the process, brings back the default action (terminate)
+/// whenever no Service handles signals. (One per Service, with its `SigId` discarded, let a
+/// dropped Service's default action kill the process when a later Service got `SIGTERM`;
+/// unregistering it on drop instead would leave the signals ignored after the last Service.)
+#[derive(Debug)]
+struct SignalDefaults {
+    /// Services that handle signals now.
+    live: usize,
+    /// Whether the conditional defaults are registered.
+    registered: bool,
+    /// True while no Service handles signals: the default action runs.
+    restore: Arc<AtomicBool>,
+}
+
+static SIGNAL_DEFAULTS: LazyLock<Mutex<SignalDefaults>> = LazyLock::new(|| {
+    Mutex::new(SignalDefaults {
+        live: 0,
+        registered: false,
+        restore: Arc::new(AtomicBool::new(false)),
+    })
+});
+
+/// A live Service's share of [`SignalDefaults`]; dropping it may restore the defaults.
+#[derive(Debug)]
+struct SignalDefaultsGuard;
+
+impl SignalDefaults {
+    fn acquire() -> SignalDefaultsGuard {
+        // A panic under this lock leaves two plain fields; the counts stay usable.
+        let mut d = SIGNAL_DEFAULTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !d.registered {
+            d.registered = true;
+            for sig in [SIGTERM, SIGINT, SIGHUP] {
+                if let Err(e) =
+                    signal_hook::flag::register_conditional_default(sig, d.restore.clone())
+                {
+                    tracing::warn!(signal = sig, error = %e, "cannot arrange the default action after drop");
+                }
+            }
+        }
+        d.live += 1;
+        d.restore.store(false, Ordering::SeqCst);
+        SignalDefaultsGuard
+    }
+}
+
+impl Drop for SignalDefaultsGuard {
+    fn drop(&mut self) {
+        let mut d = SIGNAL_DEFAULTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        d.live = d.live.saturating_sub(1);
+        if d.live == 0 {
+            d.restore.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The signal task of a Service that handles signals.
+#[derive(Debug)]
+struct SignalTask {
+    handle: signal_hook_tokio::Handle,
+    task: JoinHandle<()>,
+    /// Dropped after the handle is closed (see `Drop for Service`).
+    _defaults: SignalDefaultsGuard,
+}
+
+/// Cancelled when the service starts stopping: by a signal, [`Service::request_shutdown`] or
+/// a [`Controller`]. Cheap to clone; give one to every task.
+///
+/// It only observes the stop; to start one, use a [`Controller`]. For code that takes a
+/// `tokio_util` `CancellationToken`, `CancellationToken::from(token)` gives a child token
+/// (cancelled with this one; cancelling it does not stop the service).
+#[derive(Debug, Clone)]
+pub struct ShutdownToken(CancellationToken);
+
+impl ShutdownToken {
+    /// Completes once the stop has begun (at once if it has). Cancellation safe: use it in
+    /// `tokio::select!`.
+    pub async fn cancelled(&self) {
+        self.0.cancelled().await;
+    }
+
+    /// [`ShutdownToken::cancelled`] as a `'static` future that owns the token.
+    pub fn cancelled_owned(self) -> impl Future<Output = ()> + Send + 'static {
+        self.0.cancelled_owned()
+    }
+
+    /// Whether the stop has begun.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}
+
+impl From<ShutdownToken> for CancellationToken {
+    fn from(token: ShutdownToken) -> Self {
+        token.0.child_token()
     }
 }
 
@@ -203,9 +369,9 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts a graceful stop, as `SIGTERM` would.
+    /// Starts a graceful stop, as `SIGTERM` would; see [`Service::request_shutdown`].
     pub async fn request_shutdown(&self) {
-        self.control.shutdown("stop requested").await;
+        self.control.request_stop("stop requested").await;
     }
 
     /// Starts a reload, as `SIGHUP` would.
@@ -225,64 +391,113 @@ impl Controller {
     }
 }
 
+/// The stop, shared by every path that can start it.
+#[derive(Debug)]
+struct StopState {
+    /// Set, once, by the first stop request (signal, request, or the drain after a direct
+    /// cancel); the stop task it starts cannot be cancelled by the requester.
+    started: AtomicBool,
+    /// True once `STOPPING=1` is out, or given up.
+    told: watch::Sender<bool>,
+}
+
 /// What the signal task and the public request methods share.
 #[derive(Debug, Clone)]
 struct Control {
-    /// Set by the first stop request (signal, request, or the drain after a direct cancel).
-    stop_started: Arc<AtomicBool>,
+    stop: Arc<StopState>,
+    /// A reload to follow the current one is queued (a `SIGHUP` during a reload).
+    again_queued: Arc<AtomicBool>,
     lifecycle: Lifecycle,
     watchdog: Watchdog,
     shutdown: CancellationToken,
     reload_tx: mpsc::Sender<ReloadRequest>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Control {
     async fn handle_signals(self, mut signals: signal_hook_tokio::Signals) {
         while let Some(sig) = signals.next().await {
             match sig {
-                SIGHUP => self.reload().await,
-                _ => {
-                    self.shutdown(if sig == SIGINT { "SIGINT" } else { "SIGTERM" })
-                        .await
-                }
+                // In a task of its own: a RELOADING=1 that meets a full queue must not hold
+                // up a SIGTERM read after it.
+                SIGHUP => drop(self.runtime.spawn({
+                    let control = self.clone();
+                    async move { control.reload().await }
+                })),
+                SIGINT => self.begin_stop("SIGINT"),
+                _ => self.begin_stop("SIGTERM"),
             }
         }
     }
 
-    async fn shutdown(&self, why: &str) {
-        if self.stop_started.swap(true, Ordering::SeqCst) {
+    /// Starts the stop, once; synchronous, so that no caller can cancel it half-way.
+    ///
+    /// The shutdown token is cancelled at once, whatever the manager's queue: the stop's time
+    /// runs from the request. `STOPPING=1` goes out from a task of its own, retried on a full
+    /// queue for as long as the stop may take. The keeper stops pinging at once too: a manager
+    /// that sent `SIGTERM` has disarmed the watchdog already, and a full queue that holds up
+    /// `STOPPING=1` would hold up the pings just the same.
+    fn begin_stop(&self, why: &str) {
+        if self.stop.started.swap(true, Ordering::SeqCst) {
             tracing::info!("{why} while already stopping; the stop continues within its bound");
             return;
         }
         tracing::info!("{why}: stopping");
-        // The service may have sent STOPPING=1 itself through its Lifecycle; it is final, so
-        // the stop goes on either way.
-        let told = match self.lifecycle.stopping().await {
-            Ok(_)
-            | Err(LifecycleError::OutOfOrder {
-                state: State::Stopping,
-                ..
-            }) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "STOPPING=1 not delivered; the watchdog stays armed");
-                false
+        self.lifecycle.request_stop();
+        self.watchdog.set_stopping();
+        let lifecycle = self.lifecycle.clone();
+        let stop = self.stop.clone();
+        drop(self.runtime.spawn(async move {
+            // The service may have sent STOPPING=1 itself through its Lifecycle; it is final,
+            // so the stop goes on either way.
+            match lifecycle.stopping().await {
+                Ok(_)
+                | Err(LifecycleError::OutOfOrder {
+                    state: State::Stopping,
+                    ..
+                }) => {}
+                Err(e) => tracing::warn!(error = %e, "STOPPING=1 not delivered"),
             }
-        };
-        // Pings end only once the manager knows we are stopping: until then it still enforces
-        // the watchdog.
-        if told {
-            self.watchdog.set_stopping();
-        }
+            stop.told.send_replace(true);
+        }));
         self.shutdown.cancel();
+    }
+
+    /// Starts the stop and waits until `STOPPING=1` is out (or given up). Dropping the
+    /// future does not cancel the stop.
+    async fn request_stop(&self, why: &str) {
+        self.begin_stop(why);
+        let mut told = self.stop.told.subscribe();
+        let _ = told.wait_for(|t| *t).await;
     }
 
     async fn reload(&self) {
         match self.lifecycle.reloading().await {
             Ok(_) => {
-                // When the queue is full, a reload already queued covers this one.
-                let _ = self.reload_tx.try_send(ReloadRequest::Signalled);
+                if self.reload_tx.try_send(ReloadRequest::Signalled).is_err() {
+                    // RELOADING=1 is out: a reload must follow it.
+                    self.reload_again();
+                }
+            }
+            Err(LifecycleError::OutOfOrder {
+                state: State::Reloading,
+                ..
+            }) => {
+                // The reload under way may have read its configuration already.
+                tracing::info!("reload requested during a reload: reloading once more after it");
+                self.reload_again();
             }
             Err(e) => tracing::warn!(error = %e, "reload request ignored"),
+        }
+    }
+
+    /// Queues one reload to follow the current one; more requests meanwhile share it.
+    fn reload_again(&self) {
+        if !self.again_queued.swap(true, Ordering::SeqCst)
+            && self.reload_tx.try_send(ReloadRequest::Again).is_err()
+        {
+            // The queue is full of reloads still to come: they cover this one.
+            self.again_queued.store(false, Ordering::SeqCst);
         }
     }
 
@@ -306,6 +521,8 @@ impl Control {
 enum ReloadRequest {
     /// From `SIGHUP` or [`Controller::request_reload`]: `RELOADING=1` was already sent.
     Signalled,
+    /// A reload requested while one ran: `run` sends `RELOADING=1` after that one's `READY=1`.
+    Again,
     /// From [`Controller::reload`]: `run` sends `RELOADING=1` and reports the outcome.
     Awaited(oneshot::Sender<Result<(), ReloadError>>),
 }
@@ -325,6 +542,53 @@ pub enum ReloadError {
     Stopping,
 }
 
+/// The names of the tasks started with [`Service::spawn_named`] that have not finished.
+#[derive(Debug, Clone, Default)]
+struct NamedTasks {
+    inner: Arc<NamedInner>,
+}
+
+#[derive(Debug, Default)]
+struct NamedInner {
+    next: AtomicU64,
+    running: Mutex<BTreeMap<u64, String>>,
+}
+
+/// Removes its task's name when the task ends, is aborted or dropped.
+#[derive(Debug)]
+struct NamedGuard {
+    id: u64,
+    tasks: Arc<NamedInner>,
+}
+
+impl NamedTasks {
+    fn enter(&self, name: String) -> NamedGuard {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.inner.lock().insert(id, name);
+        NamedGuard {
+            id,
+            tasks: self.inner.clone(),
+        }
+    }
+
+    fn running(&self) -> Vec<String> {
+        self.inner.lock().values().cloned().collect()
+    }
+}
+
+impl NamedInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, String>> {
+        // Inserts and removes only: a panic cannot leave the map torn.
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for NamedGuard {
+    fn drop(&mut self) {
+        self.tasks.lock().remove(&self.id);
+    }
+}
+
 /// A supervised service: lifecycle, watchdog, signals and graceful stop.
 ///
 /// ```no_run
@@ -336,13 +600,14 @@ pub enum ReloadError {
 ///     let service = Service::builder("demo").build()?;
 ///     let progress = service.register_loop("poll");
 ///     let stop = service.shutdown_token();
-///     service.spawn(async move {
+///     service.spawn_named("poll", async move {
 ///         while !stop.is_cancelled() {
 ///             // ... one unit of work ...
 ///             progress.tick();
 ///             tokio::time::sleep(Duration::from_millis(100)).await;
 ///         }
 ///     });
+///     // Ok(Delivery::Stopping) without sending anything if a stop came first.
 ///     service.lifecycle().ready_with_status("polling").await?;
 ///     service.run(watchkeeper::service::no_reload).await?;
 ///     Ok(())
@@ -354,10 +619,10 @@ pub struct Service {
     env: SystemdEnv,
     control: Control,
     watchdog_keeper: JoinHandle<()>,
-    signals: Option<(signal_hook_tokio::Handle, JoinHandle<()>)>,
-    restore_defaults: Arc<AtomicBool>,
+    signals: Option<SignalTask>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
     tracker: TaskTracker,
+    named: NamedTasks,
     stop_timeout: Duration,
     extend_interval: Duration,
 }
@@ -381,6 +646,7 @@ impl Service {
         ServiceBuilder {
             name: name.into(),
             env: None,
+            start_timeout: DEFAULT_START_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             extend_interval: DEFAULT_EXTEND_INTERVAL,
             signals: true,
@@ -413,17 +679,32 @@ impl Service {
     }
 
     /// Cancelled when the service starts stopping. Give a clone to every task.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.control.shutdown.clone()
+    pub fn shutdown_token(&self) -> ShutdownToken {
+        ShutdownToken(self.control.shutdown.clone())
     }
 
-    /// Spawns a task that the graceful stop waits for.
+    /// Spawns a task that the graceful stop waits for. Prefer [`Service::spawn_named`]: a stop
+    /// that times out names the tasks it waited for in vain.
     pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
         self.tracker.spawn(task)
+    }
+
+    /// Spawns a task that the graceful stop waits for, under a name: if the stop times out,
+    /// [`ServiceError::StopTimeout`] lists the names of the tasks still running.
+    pub fn spawn_named<F>(&self, name: impl Into<String>, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let guard = self.named.enter(name.into());
+        self.tracker.spawn(async move {
+            let _guard = guard;
+            task.await
+        })
     }
 
     /// The tracker behind [`Service::spawn`], to clone into tasks that spawn tasks of their own
@@ -460,9 +741,11 @@ impl Service {
         }
     }
 
-    /// Starts a graceful stop, as `SIGTERM` would.
+    /// Starts a graceful stop, as `SIGTERM` would, and returns once `STOPPING=1` is out (or
+    /// given up). Idempotent, and cancellation safe: the stop runs on even if this future is
+    /// dropped, and a later request finds it under way.
     pub async fn request_shutdown(&self) {
-        self.control.shutdown("stop requested").await;
+        self.control.request_stop("stop requested").await;
     }
 
     /// Starts a reload, as `SIGHUP` would.
@@ -476,6 +759,10 @@ impl Service {
     ///
     /// `on_reload` runs for each `SIGHUP`, after `RELOADING=1`; `READY=1` follows whatever its
     /// outcome (a failed reload is logged and shown in `STATUS=`; the old configuration stays).
+    /// A reload requested while one runs is not lost: one more follows.
+    ///
+    /// Returns `Ok` after a stop during the start too (see
+    /// [the module documentation](self#a-stop-during-the-start)).
     pub async fn run<F, Fut, E>(mut self, mut on_reload: F) -> Result<StopReport, ServiceError>
     where
         F: FnMut() -> Fut,
@@ -484,58 +771,70 @@ impl Service {
     {
         let shutdown = self.control.shutdown.clone();
         loop {
-            tokio::select! {
+            let request = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(request) = self.reload_rx.recv() => {
+                Some(request) = self.reload_rx.recv() => request,
+            };
+            let lc = &self.control.lifecycle;
+            let reply = match request {
+                ReloadRequest::Signalled => None,
+                ReloadRequest::Again | ReloadRequest::Awaited(_) => {
                     let reply = match request {
-                        ReloadRequest::Signalled => None,
-                        ReloadRequest::Awaited(reply) => {
-                            match self.control.lifecycle.reloading().await {
-                                // A signal's RELOADING=1 is already out: this reload covers it.
-                                Ok(_) | Err(LifecycleError::OutOfOrder { state: State::Reloading, .. }) => {}
-                                Err(e) => {
-                                    let _ = reply.send(Err(ReloadError::Refused(e.to_string())));
-                                    continue;
-                                }
-                            }
-                            Some(reply)
+                        ReloadRequest::Awaited(reply) => Some(reply),
+                        _ => {
+                            self.control.again_queued.store(false, Ordering::SeqCst);
+                            None
                         }
                     };
-                    let outcome = tokio::select! {
-                        r = on_reload() => r.map_err(|e| e.to_string()),
-                        () = shutdown.cancelled() => break,
-                    };
-                    let lc = &self.control.lifecycle;
-                    let sent = match &outcome {
-                        Ok(()) => {
-                            tracing::info!("reloaded");
-                            // Also replaces a "reload failed" status from an earlier attempt.
-                            match lc.last_status() {
-                                Some(status) => lc.ready_with_status(&status).await,
-                                None => lc.ready().await,
-                            }
-                        }
+                    match lc.reloading().await {
+                        // A signal's RELOADING=1 is already out: this reload covers it.
+                        Ok(_)
+                        | Err(LifecycleError::OutOfOrder {
+                            state: State::Reloading,
+                            ..
+                        }) => {}
                         Err(e) => {
-                            tracing::error!(error = %e, "reload failed; keeping the previous configuration");
-                            // STATUS= is one line: an error that spans several must not cost
-                            // the READY=1 that ends the reload.
-                            let one_line: String = e
-                                .replace(['\n', '\r', '\0'], " ")
-                                .chars()
-                                .take(512)
-                                .collect();
-                            lc.ready_with_transient_status(&format!("reload failed: {one_line}"))
-                                .await
+                            match reply {
+                                Some(reply) => {
+                                    let _ = reply.send(Err(ReloadError::Refused(e.to_string())));
+                                }
+                                None => tracing::warn!(error = %e, "reload not started"),
+                            }
+                            continue;
                         }
-                    };
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "READY=1 after reload not sent");
                     }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(outcome.map_err(ReloadError::Failed));
-                    }
+                    reply
                 }
+            };
+            let outcome = tokio::select! {
+                r = on_reload() => r.map_err(|e| e.to_string()),
+                () = shutdown.cancelled() => break,
+            };
+            let sent = match &outcome {
+                Ok(()) => {
+                    tracing::info!("reloaded");
+                    // Also replaces a "reload failed" status from an earlier attempt.
+                    lc.ready_after_reload().await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; keeping the previous configuration");
+                    // STATUS= is one line: an error that spans several must not cost
+                    // the READY=1 that ends the reload.
+                    let one_line: String = e
+                        .replace(['\n', '\r', '\0'], " ")
+                        .chars()
+                        .take(512)
+                        .collect();
+                    lc.ready_with_transient_status(&format!("reload failed: {one_line}"))
+                        .await
+                }
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "READY=1 after reload not sent");
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome.map_err(ReloadError::Failed));
             }
         }
         self.drain().await
@@ -547,37 +846,64 @@ impl Service {
         self.reload_rx.close();
         while self.reload_rx.try_recv().is_ok() {}
         let started = Instant::now();
-        let deadline = started + self.stop_timeout;
+        // No bound when it does not fit an Instant (e.g. Duration::MAX).
+        let deadline = started.checked_add(self.stop_timeout);
         let lc = self.control.lifecycle.clone();
-        if !self.control.stop_started.load(Ordering::SeqCst) {
+        if !self.control.stop.started.load(Ordering::SeqCst) {
             // Stopped through the token directly rather than a signal or request.
-            self.control.shutdown("shutdown token cancelled").await;
+            self.control.begin_stop("shutdown token cancelled");
         }
         self.tracker.close();
         let wait = self.tracker.wait();
         tokio::pin!(wait);
+        let mut told = self.control.stop.told.subscribe();
+        let mut tasks_done = false;
+        let mut stopping_out = false;
+        let mut next_extend = Some(started);
         loop {
-            // The manager may wait until our own bound, plus a margin for the exit itself.
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = lc
-                .extend_timeout(left + self.extend_interval)
-                .await
-                .inspect_err(|e| tracing::debug!(error = %e, "EXTEND_TIMEOUT_USEC not sent"));
-            let tick = Instant::now() + self.extend_interval;
+            if tasks_done && stopping_out {
+                let drained_in = started.elapsed();
+                tracing::info!(?drained_in, "stopped gracefully");
+                return Ok(StopReport { drained_in });
+            }
+            let now = Instant::now();
+            // Extensions follow STOPPING=1: before it, the manager may still count them
+            // against a running unit.
+            if stopping_out && next_extend.is_some_and(|at| now >= at) {
+                // The manager may wait until our own bound, plus a margin for the exit itself.
+                let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+                let _ = lc
+                    .try_extend_timeout(left.saturating_add(self.extend_interval))
+                    .inspect_err(|e| tracing::debug!(error = %e, "EXTEND_TIMEOUT_USEC not sent"));
+                next_extend = now.checked_add(self.extend_interval);
+            }
+            let wake = match (deadline, next_extend.filter(|_| stopping_out)) {
+                (Some(d), Some(e)) => Some(d.min(e)),
+                (d, e) => d.or(e),
+            };
             tokio::select! {
                 biased;
-                () = &mut wait => {
-                    let drained_in = started.elapsed();
-                    tracing::info!(?drained_in, "stopped gracefully");
-                    return Ok(StopReport { drained_in });
-                }
-                () = tokio::time::sleep_until(deadline.min(tick)) => {
-                    if Instant::now() >= deadline && !self.tracker.is_empty() {
+                () = &mut wait, if !tasks_done => tasks_done = true,
+                _ = told.wait_for(|t| *t), if !stopping_out => stopping_out = true,
+                () = sleep_until_opt(wake) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        if tasks_done {
+                            tracing::warn!("STOPPING=1 still not delivered at the stop bound; exiting anyway");
+                            stopping_out = true;
+                            continue;
+                        }
                         let still_running = self.tracker.len();
-                        tracing::error!(still_running, timeout = ?self.stop_timeout, "graceful stop timed out");
+                        let unfinished = self.named.running();
+                        tracing::error!(
+                            still_running,
+                            unfinished = %Names(&unfinished),
+                            timeout = ?self.stop_timeout,
+                            "graceful stop timed out"
+                        );
                         return Err(ServiceError::StopTimeout {
                             timeout: self.stop_timeout,
                             still_running,
+                            unfinished,
                         });
                     }
                 }
@@ -586,13 +912,21 @@ impl Service {
     }
 }
 
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         self.watchdog_keeper.abort();
-        if let Some((handle, task)) = &self.signals {
-            handle.close();
-            task.abort();
-            self.restore_defaults.store(true, Ordering::SeqCst);
+        if let Some(signals) = &self.signals {
+            signals.handle.close();
+            signals.task.abort();
         }
+        // The signal task's share of the process-wide defaults goes with `self.signals`,
+        // after its handle was closed above.
     }
 }

@@ -33,6 +33,11 @@ use tokio::time::Instant;
 
 use crate::notify::{Notification, NotifyError, usec};
 
+/// The longest [`Progress::busy`] window: one hour. A loop busy for longer must tick (or open a
+/// new window) within each hour, so that no window, `Duration::MAX` included, turns the
+/// watchdog off for good.
+pub const MAX_BUSY: Duration = Duration::from_secs(60 * 60);
+
 /// State of one registered loop, shared between its [`Progress`] and the keeper.
 #[derive(Debug)]
 struct LoopState {
@@ -43,6 +48,10 @@ struct LoopState {
     busy_until_ms: AtomicU64,
     /// The loop's thread panicked while it held its `Progress`.
     dead: AtomicBool,
+    /// The open [`Busy`] windows: how many, and the latest end among them (ms since the
+    /// epoch). `busy_until_ms` mirrors that end while one is open. A lock, not atomics: two
+    /// windows opening and closing at once must not lose an end, and this is not the hot path.
+    busy_windows: Mutex<(u32, u64)>,
 }
 
 #[derive(Debug)]
@@ -109,6 +118,7 @@ impl Watchdog {
             advanced: AtomicBool::new(true),
             busy_until_ms: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            busy_windows: Mutex::new((0, 0)),
         });
         self.shared.loops().push(state.clone());
         Progress {
@@ -335,13 +345,21 @@ impl Progress {
     /// Declares that the loop will not tick for up to `bound` (a slow job, a long wait) without
     /// being stalled. The window ends, with a tick, when the guard is dropped, or after `bound`,
     /// whichever comes first: past the bound the loop counts as stalled again.
+    ///
+    /// `bound` is capped at [`MAX_BUSY`]: a window is a promise to come back, and no promise
+    /// outlives that. Windows nest: while several are open the loop is busy until the latest
+    /// end among them, and it is the last guard dropped that ends it.
     pub fn busy(&self, bound: Duration) -> Busy<'_> {
+        let bound = bound.min(MAX_BUSY);
         let until = self
             .shared
             .now_ms()
             .saturating_add(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX))
             .max(1);
-        self.state.busy_until_ms.store(until, Ordering::Relaxed);
+        let mut windows = self.state.windows();
+        windows.0 = windows.0.saturating_add(1);
+        windows.1 = windows.1.max(until);
+        self.state.busy_until_ms.store(windows.1, Ordering::Relaxed);
         Busy { progress: self }
     }
 
@@ -377,11 +395,24 @@ pub struct Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.progress
-            .state
-            .busy_until_ms
-            .store(0, Ordering::Relaxed);
+        let state = &self.progress.state;
+        let mut windows = state.windows();
+        windows.0 = windows.0.saturating_sub(1);
+        if windows.0 == 0 {
+            *windows = (0, 0);
+            state.busy_until_ms.store(0, Ordering::Relaxed);
+        }
+        drop(windows);
         self.progress.tick();
+    }
+}
+
+impl LoopState {
+    fn windows(&self) -> std::sync::MutexGuard<'_, (u32, u64)> {
+        // Two plain integers: a panic under the lock cannot leave them torn.
+        self.busy_windows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -487,5 +518,54 @@ mod tests {
             Names(&["a".to_string(), "b".to_string()]).to_string(),
             "'a', 'b'"
         );
+    }
+}
+
+#[cfg(test)]
+mod busy_window_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unbounded_busy_window_ends_at_the_cap() {
+        let wd = Watchdog::new(None);
+        let p = wd.register("compaction");
+        wd.evaluate();
+        let _guard = p.busy(Duration::MAX);
+        tokio::time::advance(MAX_BUSY - Duration::from_secs(1)).await;
+        assert_eq!(wd.evaluate(), Verdict::Healthy, "inside the capped window");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            wd.evaluate(),
+            Verdict::Stalled(vec!["compaction".into()]),
+            "Duration::MAX must not mean never stalled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nested_busy_windows_last_until_the_latest_end() {
+        let wd = Watchdog::new(None);
+        let p = wd.register("job");
+        wd.evaluate();
+        let outer = p.busy(Duration::from_secs(10));
+        {
+            let _inner = p.busy(Duration::from_secs(1));
+        }
+        // The inner guard's drop ticked; consume that tick.
+        assert_eq!(wd.evaluate(), Verdict::Healthy);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            wd.evaluate(),
+            Verdict::Healthy,
+            "the outer window is still open"
+        );
+        // An inner window that outlasts the outer one keeps the loop busy until its own end.
+        let inner = p.busy(Duration::from_secs(20));
+        drop(outer);
+        wd.evaluate();
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(wd.evaluate(), Verdict::Healthy, "the inner window is open");
+        drop(inner);
+        wd.evaluate();
+        assert_eq!(wd.evaluate(), Verdict::Stalled(vec!["job".into()]));
     }
 }
