@@ -1,11 +1,11 @@
 //! # Scenario: a bounded graceful stop
 //!
 //! On `SIGTERM` the service sends `STOPPING=1`, stops taking new work and lets in-flight jobs
-//! finish, but only within `--stop-timeout-ms` (default 5000): a job that takes longer is not
-//! waited for, and the service exits non-zero so that the unit shows the failed stop, naming
-//! the jobs that did not finish. While it
-//! waits it sends `EXTEND_TIMEOUT_USEC=` so that a manager with a shorter `TimeoutStopSec=`
-//! knows it is still making its way out.
+//! finish, but only within `--stop-timeout-ms` (default 5000; `none` for no bound): a job that
+//! takes longer is not waited for, and the service exits non-zero so that the unit shows the
+//! failed stop, naming the jobs that did not finish. While it waits it sends
+//! `EXTEND_TIMEOUT_USEC=` so that a manager with a shorter `TimeoutStopSec=` knows it is still
+//! making its way out.
 //!
 //! Each of `--jobs N` (default 3) workers takes `--job-ms` (default 1500) to finish its job
 //! after the stop request.
@@ -33,7 +33,12 @@ fn flag(name: &str, default: u64) -> anyhow::Result<u64> {
 async fn main() -> anyhow::Result<()> {
     let jobs = flag("--jobs", 3)?;
     let job = Duration::from_millis(flag("--job-ms", 1500)?);
-    let stop_timeout = Duration::from_millis(flag("--stop-timeout-ms", 5000)?);
+    // `--stop-timeout-ms none`: no bound at all.
+    let stop_timeout = if std::env::args().any(|a| a == "none") {
+        Duration::MAX
+    } else {
+        Duration::from_millis(flag("--stop-timeout-ms", 5000)?)
+    };
     let env = SystemdEnv::from_env();
     logging::init(&LogConfig::from_rust_log("graceful-stop"), &env)?;
     let service = Service::builder("graceful-stop")
