@@ -3,10 +3,11 @@
 //! A long-running service embeds this crate to behave well under systemd (`Type=notify`), and
 //! just as well under Kubernetes or a plain shell, where every notification is a no-op:
 //!
-//! * `READY=1` when the service says it is ready, `STATUS=` lines, `EXTEND_TIMEOUT_USEC=` for
-//!   slow starts and stops ([`Lifecycle`]);
+//! * `READY=1` when the service says it is ready, `STATUS=` lines that never wait,
+//!   `EXTEND_TIMEOUT_USEC=` for slow starts and stops ([`Lifecycle`]);
 //! * `SIGHUP` → `RELOADING=1` + `MONOTONIC_USEC=`, the service's reload, `READY=1`;
-//!   `SIGTERM` → `STOPPING=1` and a bounded graceful stop ([`Service`]);
+//!   `SIGTERM` → `STOPPING=1` and a bounded graceful stop that no dropped future can lose, a
+//!   stop during the start included ([`Service`], [`ShutdownToken`]);
 //! * watchdog pings at half `WATCHDOG_USEC`, **sent only while every registered work loop makes
 //!   progress**, so that a hung loop gets the service restarted ([`watchdog`]);
 //! * an atomic, versioned JSON heartbeat file for operators and probes ([`heartbeat`]);
@@ -34,7 +35,7 @@
 //!     // Every work loop registers; the watchdog pings only while all of them tick.
 //!     let progress = service.register_loop("poll");
 //!     let stop = service.shutdown_token();
-//!     service.spawn(async move {
+//!     service.spawn_named("poll", async move {
 //!         let mut every = tokio::time::interval(Duration::from_millis(500));
 //!         loop {
 //!             tokio::select! {
@@ -46,6 +47,8 @@
 //!         }
 //!     });
 //!
+//!     // After a SIGTERM during the start this sends nothing and returns Ok(Delivery::Stopping):
+//!     // run() below then completes the stop, and the process exits 0.
 //!     service.lifecycle().ready_with_status("polling").await?;
 //!     // Serves SIGHUP reloads until SIGTERM, then waits for the spawned tasks (bounded).
 //!     service.run(watchkeeper::service::no_reload).await?;

@@ -24,7 +24,8 @@
 //!
 //! ```no_run
 //! # async fn start_up() {}
-//! # async fn demo() -> Result<(), watchkeeper::ServiceError> {
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), watchkeeper::ServiceError> {
 //! let service = watchkeeper::Service::builder("demo").build()?;
 //! let stop = service.shutdown_token();
 //! tokio::select! {
