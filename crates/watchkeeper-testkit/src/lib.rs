@@ -10,6 +10,16 @@
 //! the timeout, no ping while a loop is stalled, `MONOTONIC_USEC=` with every `RELOADING=1`,
 //! and nothing but status and timeout extensions after `STOPPING=1`.
 //!
+//! Beyond recording, the manager acts on the datagrams as systemd 252 does for a `Type=notify`
+//! unit ([`mod@unit`]: the watchdog, including pings before `READY=1`; `WATCHDOG=trigger`;
+//! `WATCHDOG_USEC=`; start, stop and runtime timeouts and `EXTEND_TIMEOUT_USEC=`; `STOPPING=1`;
+//! reloads; exit codes), and tells the `Result=` systemd would end with
+//! ([`FakeManager::wait_result`], [`FakeManager::unit_result`]). A child started with
+//! [`FakeManager::spawn`] is the unit's main process and gets the manager's signals
+//! (`SIGABRT` from the watchdog, `SIGTERM`, `SIGKILL`); [`ChildExt`] sends it `SIGTERM` or
+//! `SIGHUP` from the test. `tests/conformance.rs` of the workspace checks the model against a
+//! real systemd user manager.
+//!
 //! Every manager has its own socket, so tests using it run in parallel.
 //!
 //! ```
@@ -26,6 +36,31 @@
 //! assert_eq!(ready.pid, Some(std::process::id()));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! What systemd would do with a service that pings once before `READY=1`, then initialises
+//! for longer than `WatchdogSec=` (here a service in this process: the manager's `SIGABRT` is
+//! not delivered, the unit goes on as if it had been):
+//!
+//! ```
+//! use std::time::Duration;
+//! use watchkeeper::{Notification, Notifier};
+//! use watchkeeper_testkit::{ActiveState, FakeManager, UnitConfig, UnitResult};
+//!
+//! let cfg = UnitConfig::new().watchdog(Duration::from_millis(200));
+//! let manager = FakeManager::start_unit(cfg)?;
+//! let notifier = Notifier::from_env(&manager.env())?;
+//! notifier.notify(&[Notification::Watchdog])?;
+//! // ... a long initialisation, no READY=1 ...
+//! let status = manager.wait_result(Duration::from_secs(5))?;
+//! assert_eq!(status.result, UnitResult::Watchdog);
+//! assert_eq!(status.active_state, ActiveState::Failed);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The crate also has two commands, installed with
+//! `cargo install --path crates/watchkeeper-testkit`: `wk-fake-manager`, which runs a service
+//! under this manager and exits with its `Result=`, and `wk-notify-script`, a service that sends
+//! a scripted sequence of datagrams (for testing managers).
 #![deny(missing_docs)]
 #![cfg_attr(
     not(test),
@@ -1175,6 +1210,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!st.success());
+    }
+
+    #[test]
+    fn wait_pings_counts_all_pings_and_names_the_shortfall() {
+        let m = fed(&["WATCHDOG=1", "READY=1", "WATCHDOG=1"]);
+        let pings = m.wait_pings(2, Duration::from_secs(5)).unwrap();
+        assert_eq!(pings.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 2]);
+        let e = m.wait_pings(3, Duration::from_millis(30)).unwrap_err();
+        assert!(e.to_string().contains("3 WATCHDOG=1 pings (got 2)"), "{e}");
+    }
+
+    #[test]
+    fn child_ext_sends_sigterm_and_sighup_and_refuses_a_reaped_child() {
+        use std::os::unix::process::ExitStatusExt as _;
+        for (send, signal) in [
+            (ChildExt::terminate as fn(&mut Child) -> io::Result<()>, 15),
+            (ChildExt::hangup, 1),
+        ] {
+            let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+            send(&mut child).unwrap();
+            let st = wait_exit(&mut child, Duration::from_secs(10))
+                .unwrap()
+                .unwrap();
+            assert_eq!(st.signal(), Some(signal));
+            let e = child.terminate().unwrap_err();
+            assert!(e.to_string().contains("already reaped"), "{e}");
+        }
     }
 
     #[test]

@@ -35,6 +35,32 @@ fn a_scripted_service_is_supervised_and_its_status_arrives() {
 }
 
 #[test]
+fn a_spawned_child_gets_the_watchdogs_sigabrt_and_a_stop_request_its_sigterm() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let watchdog = Duration::from_millis(300);
+    let manager = FakeManager::start_unit(UnitConfig::new().watchdog(watchdog)).unwrap();
+    let mut cmd = manager.command(SCRIPT, Some(watchdog));
+    cmd.args(["WATCHDOG=1", "hang"]);
+    let mut child = manager.spawn(&mut cmd).unwrap();
+    let status = manager.wait_result(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.result, UnitResult::Watchdog);
+    assert_eq!(status.active_state, ActiveState::Failed);
+    assert_eq!(child.wait().unwrap().signal(), Some(6));
+    assert_eq!(manager.signals().len(), 1, "{:?}", manager.unit_events());
+
+    let manager = FakeManager::start_unit(UnitConfig::new()).unwrap();
+    let mut cmd = manager.command(SCRIPT, None);
+    cmd.args(["READY=1", "hang"]);
+    let mut child = manager.spawn(&mut cmd).unwrap();
+    manager.wait_ready(Duration::from_secs(5)).unwrap();
+    manager.stop_unit();
+    let status = manager.wait_result(Duration::from_secs(10)).unwrap();
+    // Death by SIGTERM is a clean exit for a daemon.
+    assert_eq!(status.result, UnitResult::Success);
+    assert_eq!(child.wait().unwrap().signal(), Some(15));
+}
+
+#[test]
 fn wk_fake_manager_exits_with_the_result_and_a_bad_script_is_named() {
     let out = Command::new(FAKE)
         .args(["--watchdog-sec", "0", "--", SCRIPT, "READY=1", "exit:3"])

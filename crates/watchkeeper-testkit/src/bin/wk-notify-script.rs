@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+#[doc(hidden)]
 /// One step of the script.
 #[derive(Debug, Clone, PartialEq)]
 enum Step {
@@ -38,6 +39,7 @@ enum Step {
     Hang,
 }
 
+#[doc(hidden)]
 fn secs(s: &str, step: &str) -> anyhow::Result<Duration> {
     s.parse::<f64>()
         .ok()
@@ -45,6 +47,7 @@ fn secs(s: &str, step: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("step {step:?}: {s:?} is not a number of seconds"))
 }
 
+#[doc(hidden)]
 fn parse(step: &str) -> anyhow::Result<Step> {
     if step == "hang" {
         return Ok(Step::Hang);
@@ -84,6 +87,7 @@ fn parse(step: &str) -> anyhow::Result<Step> {
     )
 }
 
+#[doc(hidden)]
 /// Where `$NOTIFY_SOCKET` points (`@name` is abstract, else a path).
 fn notify_addr() -> anyhow::Result<SocketAddr> {
     let v = std::env::var_os("NOTIFY_SOCKET").context("NOTIFY_SOCKET is not set")?;
@@ -95,6 +99,7 @@ fn notify_addr() -> anyhow::Result<SocketAddr> {
     .with_context(|| format!("NOTIFY_SOCKET={v:?} is not a usable address"))
 }
 
+#[doc(hidden)]
 fn run() -> anyhow::Result<u8> {
     let t0 = Instant::now();
     // No core file from a watchdog's SIGABRT.
