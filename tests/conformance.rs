@@ -40,6 +40,8 @@ struct Scenario {
     start_timeout_ms: u64,
     /// `TimeoutStopSec=`
     stop_timeout_ms: u64,
+    /// `RuntimeMaxSec=` (0: infinity).
+    runtime_max_ms: u64,
     /// `wk-notify-script`'s steps.
     script: &'static [&'static str],
     /// The final `Result=`.
@@ -54,6 +56,7 @@ impl Scenario {
             .watchdog(Duration::from_millis(self.watchdog_ms))
             .start_timeout(Duration::from_millis(self.start_timeout_ms))
             .stop_timeout(Duration::from_millis(self.stop_timeout_ms))
+            .runtime_max(Duration::from_millis(self.runtime_max_ms))
     }
 
     fn unit_name(&self) -> String {
@@ -72,6 +75,7 @@ const fn scenario(
         watchdog_ms,
         start_timeout_ms: 10_000,
         stop_timeout_ms: 2_000,
+        runtime_max_ms: 0,
         script,
         result,
         active_state: if matches!(result.as_bytes(), b"success") {
@@ -137,6 +141,33 @@ const SCENARIOS: &[Scenario] = &[
         ],
         "success",
     ),
+    // ... and RuntimeMaxSec=: 2 s of running survive 1 s.
+    Scenario {
+        runtime_max_ms: 1_000,
+        ..scenario(
+            "extend_runtime_max",
+            0,
+            &[
+                "READY=1",
+                "sleep:0.5",
+                "EXTEND_TIMEOUT_USEC=2000000",
+                "sleep:1.5",
+                "STOPPING=1",
+                "exit:0",
+            ],
+            "success",
+        )
+    },
+    // Without it: stopped (SIGTERM) at RuntimeMaxSec=, Result=timeout.
+    Scenario {
+        runtime_max_ms: 1_000,
+        ..scenario(
+            "runtime_max",
+            0,
+            &["READY=1", "sleep:2", "STOPPING=1", "exit:0"],
+            "timeout",
+        )
+    },
     // During the start it moves TimeoutStartSec=: 2 s of start survive 1 s.
     Scenario {
         start_timeout_ms: 1_000,
@@ -349,6 +380,7 @@ fn the_fake_manager_command_ends_each_scenario_as_systemd_252() -> Result<()> {
             .args(["--watchdog-sec", &secs(sc.watchdog_ms)])
             .args(["--start-timeout-sec", &secs(sc.start_timeout_ms)])
             .args(["--stop-timeout-sec", &secs(sc.stop_timeout_ms)])
+            .args(["--runtime-max-sec", &secs(sc.runtime_max_ms)])
             .arg("--")
             .arg(&script)
             .args(sc.script)
@@ -399,12 +431,17 @@ fn unit_file(sc: &Scenario, script: &Path, results: &Path) -> Result<String> {
     Ok(format!(
         "[Unit]\nDescription=watchkeeper conformance: {}\n\n[Service]\nType=notify\n\
          ExecStart={exec}\nWatchdogSec={}ms\nTimeoutStartSec={}ms\nTimeoutStopSec={}ms\n\
-         Restart=no\nLimitCORE=0\n\
+         RuntimeMaxSec={}\nRestart=no\nLimitCORE=0\n\
          ExecStopPost=/bin/sh -c 'echo \"$$SERVICE_RESULT\" > {}'\n",
         sc.name,
         sc.watchdog_ms,
         sc.start_timeout_ms,
         sc.stop_timeout_ms,
+        // (RuntimeMaxSec=0 would stop the unit at once.)
+        match sc.runtime_max_ms {
+            0 => "infinity".to_owned(),
+            ms => format!("{ms}ms"),
+        },
         results.join(sc.name).display()
     ))
 }

@@ -164,7 +164,6 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<Outcome> {
             }
             if !stop_sent && stop_after.is_some_and(|s| since_ready >= s) {
                 stop_sent = true;
-                say("stop requested");
                 manager.stop_unit();
             }
         }
