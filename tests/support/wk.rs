@@ -47,6 +47,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("watchkeeper-daemon", "watchkeeper-daemon"),
     ("watchkeeper-worker", "watchkeeper-worker"),
     ("wk-jobs", "watchkeeper-jobs"),
+    ("wk-fake-manager", "watchkeeper-testkit"),
+    ("wk-notify-script", "watchkeeper-testkit"),
 ];
 
 /// `target/PROFILE`, the directory of the running test binary's parent

@@ -10,6 +10,16 @@
 //! the timeout, no ping while a loop is stalled, `MONOTONIC_USEC=` with every `RELOADING=1`,
 //! and nothing but status and timeout extensions after `STOPPING=1`.
 //!
+//! Beyond recording, the manager acts on the datagrams as systemd 252 does for a `Type=notify`
+//! unit ([`mod@unit`]: the watchdog, including pings before `READY=1`; `WATCHDOG=trigger`;
+//! `WATCHDOG_USEC=`; start, stop and runtime timeouts and `EXTEND_TIMEOUT_USEC=`; `STOPPING=1`;
+//! reloads; exit codes), and tells the `Result=` systemd would end with
+//! ([`FakeManager::wait_result`], [`FakeManager::unit_result`]). A child started with
+//! [`FakeManager::spawn`] is the unit's main process and gets the manager's signals
+//! (`SIGABRT` from the watchdog, `SIGTERM`, `SIGKILL`); [`ChildExt`] sends it `SIGTERM` or
+//! `SIGHUP` from the test. `tests/conformance.rs` of the workspace checks the model against a
+//! real systemd user manager.
+//!
 //! Every manager has its own socket, so tests using it run in parallel.
 //!
 //! ```
@@ -26,6 +36,31 @@
 //! assert_eq!(ready.pid, Some(std::process::id()));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! What systemd would do with a service that pings once before `READY=1`, then initialises
+//! for longer than `WatchdogSec=` (here a service in this process: the manager's `SIGABRT` is
+//! not delivered, the unit goes on as if it had been):
+//!
+//! ```
+//! use std::time::Duration;
+//! use watchkeeper::{Notification, Notifier};
+//! use watchkeeper_testkit::{ActiveState, FakeManager, UnitConfig, UnitResult};
+//!
+//! let cfg = UnitConfig::new().watchdog(Duration::from_millis(200));
+//! let manager = FakeManager::start_unit(cfg)?;
+//! let notifier = Notifier::from_env(&manager.env())?;
+//! notifier.notify(&[Notification::Watchdog])?;
+//! // ... a long initialisation, no READY=1 ...
+//! let status = manager.wait_result(Duration::from_secs(5))?;
+//! assert_eq!(status.result, UnitResult::Watchdog);
+//! assert_eq!(status.active_state, ActiveState::Failed);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The crate also has two commands, installed with
+//! `cargo install --path crates/watchkeeper-testkit`: `wk-fake-manager`, which runs a service
+//! under this manager and exits with its `Result=`, and `wk-notify-script`, a service that sends
+//! a scripted sequence of datagrams (for testing managers).
 #![deny(missing_docs)]
 #![cfg_attr(
     not(test),
@@ -45,14 +80,26 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::process::Child;
+
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use rustix::process::{Pid, WaitId, WaitIdOptions};
 use watchkeeper::env::{NOTIFY_SOCKET, WATCHDOG_PID, WATCHDOG_USEC};
 use watchkeeper::{NotifyAddr, SystemdEnv};
+
+pub mod unit;
+pub use unit::{
+    ActiveState, Exit, KillSignal, SubState, Unit, UnitConfig, UnitEvent, UnitResult, UnitStatus,
+};
 
 /// systemd's `NOTIFY_BUFFER_MAX` (`PIPE_BUF`): a datagram of this size or more is ignored whole.
 const BUFFER_MAX: usize = 4096;
 /// Most fds systemd accepts in one message.
 const FDS_MAX: usize = 253;
+/// How often the receiver wakes up at most without a datagram: the resolution of the model's
+/// timers and of noticing the child's exit.
+const TICK: Duration = Duration::from_millis(10);
 
 /// One datagram the service sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +185,15 @@ pub enum CheckError {
         /// Everything recorded.
         log: Log,
     },
+    /// The service sent something the fake's model of systemd does not cover, so it cannot
+    /// say what systemd would have done.
+    #[error("the fake manager does not model {what}; received:\n{log}")]
+    Unsupported {
+        /// What is not modelled.
+        what: String,
+        /// Everything recorded.
+        log: Log,
+    },
 }
 
 /// A list of records that prints one per line (for error messages).
@@ -156,13 +212,120 @@ impl fmt::Display for Log {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     records: Vec<Record>,
     paused: bool,
     /// The receiver saw `paused` and is not reading.
     parked: bool,
     dropped: usize,
+    cfg: UnitConfig,
+    /// The model of the unit; starts with [`FakeManager::spawn`] or the first datagram.
+    unit: Option<Unit>,
+    /// The main process, when started by [`FakeManager::spawn`].
+    child: Option<Supervised>,
+    /// Signals the model sent, with the time since the manager's start.
+    signals: Vec<(Duration, KillSignal)>,
+    started: Instant,
+}
+
+fn to_rustix(sig: KillSignal) -> rustix::process::Signal {
+    match sig {
+        KillSignal::Term => rustix::process::Signal::TERM,
+        KillSignal::Abort => rustix::process::Signal::ABORT,
+        KillSignal::Kill => rustix::process::Signal::KILL,
+    }
+}
+
+#[derive(Debug)]
+struct Supervised {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+impl State {
+    fn new(cfg: UnitConfig, started: Instant) -> Self {
+        State {
+            records: Vec::new(),
+            paused: false,
+            parked: false,
+            dropped: 0,
+            cfg,
+            unit: None,
+            child: None,
+            signals: Vec::new(),
+            started,
+        }
+    }
+
+    fn unit(&mut self) -> &mut Unit {
+        let (cfg, started) = (&self.cfg, self.started);
+        self.unit
+            .get_or_insert_with(|| Unit::new(cfg.clone(), started))
+    }
+
+    /// Fires the model's timers up to `now` and delivers the signals it asks for: to the
+    /// child if there is one, else (a service in this process, or one started without
+    /// [`FakeManager::spawn`]) the unit acts as if the service died of the signal at once.
+    fn drive(&mut self, now: Instant) {
+        let Some(unit) = self.unit.as_mut() else {
+            return;
+        };
+        unit.on_time(now);
+        loop {
+            let signals = unit.take_signals();
+            if signals.is_empty() {
+                break;
+            }
+            for sig in signals {
+                self.signals
+                    .push((now.saturating_duration_since(self.started), sig));
+                match &self.child {
+                    Some(c) => {
+                        // The child is not reaped before the test waits for it (WNOWAIT), so
+                        // the pidfd still names it.
+                        let _ = rustix::process::pidfd_send_signal(&c.pidfd, to_rustix(sig));
+                    }
+                    None => unit.on_exit(
+                        if sig == KillSignal::Abort {
+                            Exit::Dumped(sig.as_raw())
+                        } else {
+                            Exit::Killed(sig.as_raw())
+                        },
+                        now,
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The error for a message the model refused, if any.
+    fn refused(&mut self) -> Option<CheckError> {
+        let what = self.unit().refused()?.to_owned();
+        Some(CheckError::Unsupported {
+            what,
+            log: Log(self.records.clone()),
+        })
+    }
+
+    /// Whether the child has exited (without reaping it), and how.
+    fn child_exit(&self) -> Option<Exit> {
+        let c = self.child.as_ref()?;
+        let st = rustix::process::waitid(
+            WaitId::PidFd(c.pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        )
+        .ok()??;
+        if st.exited() {
+            Some(Exit::Exited(st.exit_status().unwrap_or(0)))
+        } else if st.dumped() {
+            Some(Exit::Dumped(st.terminating_signal().unwrap_or(0)))
+        } else if st.killed() {
+            Some(Exit::Killed(st.terminating_signal().unwrap_or(0)))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -191,8 +354,21 @@ pub struct FakeManager {
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl FakeManager {
-    /// Binds a fresh `@abstract` socket, unique to this process and call.
+    /// Binds a fresh `@abstract` socket, unique to this process and call, for a unit with the
+    /// default settings ([`UnitConfig::default`]; a watchdog handed out by
+    /// [`FakeManager::command`] or [`FakeManager::env_with_watchdog`] becomes its
+    /// `WatchdogSec=`).
     pub fn start() -> io::Result<Self> {
+        Self::start_unit(UnitConfig::default())
+    }
+
+    /// Binds a socket at `path` (the file must not exist).
+    pub fn start_at(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::start_unit_at(path, UnitConfig::default())
+    }
+
+    /// Like [`FakeManager::start`], for a unit with the settings `cfg`.
+    pub fn start_unit(cfg: UnitConfig) -> io::Result<Self> {
         let name = format!(
             "watchkeeper-testkit/{}/{}/{}",
             std::process::id(),
@@ -201,26 +377,26 @@ impl FakeManager {
         );
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let sock = UnixDatagram::bind_addr(&addr)?;
-        Self::with_socket(sock, NotifyAddr::Abstract(name.into_bytes()))
+        Self::with_socket(sock, NotifyAddr::Abstract(name.into_bytes()), cfg)
     }
 
-    /// Binds a socket at `path` (the file must not exist).
-    pub fn start_at(path: impl AsRef<Path>) -> io::Result<Self> {
+    /// Like [`FakeManager::start_at`], for a unit with the settings `cfg`.
+    pub fn start_unit_at(path: impl AsRef<Path>, cfg: UnitConfig) -> io::Result<Self> {
         let path = path.as_ref();
         let sock = UnixDatagram::bind(path)?;
-        Self::with_socket(sock, NotifyAddr::Path(path.to_owned()))
+        Self::with_socket(sock, NotifyAddr::Path(path.to_owned()), cfg)
     }
 
-    fn with_socket(sock: UnixDatagram, addr: NotifyAddr) -> io::Result<Self> {
+    fn with_socket(sock: UnixDatagram, addr: NotifyAddr, cfg: UnitConfig) -> io::Result<Self> {
         rustix::net::sockopt::set_socket_passcred(&sock, true)?;
-        // Wake up now and then to notice a stop request or a resume.
-        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+        // Wake up now and then to notice a stop request, a resume, a timer or the child's exit.
+        sock.set_read_timeout(Some(TICK))?;
+        let started = Instant::now();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(cfg, started)),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
-        let started = Instant::now();
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -256,6 +432,7 @@ impl FakeManager {
     /// An environment for a service in *this* process with a watchdog of `timeout`
     /// (`WATCHDOG_PID` is this process).
     pub fn env_with_watchdog(&self, timeout: Duration) -> SystemdEnv {
+        self.set_watchdog(timeout);
         self.env()
             .with_var(WATCHDOG_USEC, timeout.as_micros().to_string())
             .with_var(WATCHDOG_PID, std::process::id().to_string())
@@ -273,9 +450,140 @@ impl FakeManager {
         SystemdEnv::scrub(&mut cmd);
         cmd.env(NOTIFY_SOCKET, self.notify_socket());
         if let Some(t) = watchdog {
+            self.set_watchdog(t);
             cmd.env(WATCHDOG_USEC, t.as_micros().to_string());
         }
         cmd
+    }
+
+    /// The watchdog handed to a service is the unit's `WatchdogSec=` (for a unit that has not
+    /// started yet: the unit starts at [`FakeManager::spawn`] or with the first datagram).
+    fn set_watchdog(&self, timeout: Duration) {
+        let mut state = self.shared.lock();
+        state.cfg.watchdog = (!timeout.is_zero()).then_some(timeout);
+    }
+
+    /// Starts `cmd` as the unit's main process (see [`FakeManager::command`] for one with the
+    /// environment set): the unit (re)starts now, as systemd's does when it forks
+    /// `ExecStart=`, and from now on the model's signals (the watchdog's SIGABRT, SIGTERM,
+    /// SIGKILL after a timeout) go to this process, and only its datagrams count
+    /// (`NotifyAccess=main`). The fake does not reap it: wait for it as usual.
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
+        let mut state = self.shared.lock();
+        if let Some(c) = &state.child {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the fake manager already supervises pid {} (one main process per manager)",
+                    c.pid
+                ),
+            ));
+        }
+        let child = cmd.spawn()?;
+        let pidfd = match rustix::process::pidfd_open(
+            Pid::from_child(&child),
+            rustix::process::PidfdFlags::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
+        state.child = Some(Supervised {
+            pid: child.id(),
+            pidfd,
+        });
+        state.unit = Some(Unit::new(state.cfg.clone(), Instant::now()));
+        drop(state);
+        self.shared.changed.notify_all();
+        Ok(child)
+    }
+
+    /// The unit's settings.
+    pub fn unit_config(&self) -> UnitConfig {
+        self.shared.lock().cfg.clone()
+    }
+
+    /// The unit's state now, as systemd would show it.
+    pub fn unit_status(&self) -> UnitStatus {
+        let mut state = self.shared.lock();
+        state.drive(Instant::now());
+        state.unit().status()
+    }
+
+    /// The unit's `Result=` now (`success` until something failed), or an error if the service
+    /// sent something the model does not cover.
+    pub fn unit_result(&self) -> Result<UnitResult, CheckError> {
+        let mut state = self.shared.lock();
+        state.drive(Instant::now());
+        match state.refused() {
+            Some(e) => Err(e),
+            None => Ok(state.unit().status().result),
+        }
+    }
+
+    /// What the manager did so far ("Watchdog timeout (limit 1s)!", state changes, signals),
+    /// timed like [`Record::at`] (from the manager's start).
+    pub fn unit_events(&self) -> Vec<UnitEvent> {
+        let mut state = self.shared.lock();
+        let origin = state.started;
+        let unit = state.unit();
+        let offset = unit.started().saturating_duration_since(origin);
+        unit.events()
+            .iter()
+            .map(|e| UnitEvent {
+                at: e.at + offset,
+                what: e.what.clone(),
+            })
+            .collect()
+    }
+
+    /// The signals the manager sent, with the time since its start. Without a child started by
+    /// [`FakeManager::spawn`] they are not delivered: the unit then goes on as if the service
+    /// died of them at once.
+    pub fn signals(&self) -> Vec<(Duration, KillSignal)> {
+        self.shared.lock().signals.clone()
+    }
+
+    /// Asks the unit to stop, as `systemctl stop` does: SIGTERM, then SIGKILL after
+    /// `TimeoutStopSec=`.
+    pub fn stop_unit(&self) {
+        let mut state = self.shared.lock();
+        let now = Instant::now();
+        state.unit().stop(now);
+        state.drive(now);
+        drop(state);
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until the unit is `inactive` or `failed` and returns its final state; an error
+    /// if it is not within `timeout` (with the datagrams and the manager's log), or if the
+    /// service sent something the model does not cover.
+    pub fn wait_result(&self, timeout: Duration) -> Result<UnitStatus, CheckError> {
+        self.wait_until(
+            timeout,
+            |state| {
+                state.drive(Instant::now());
+                if let Some(e) = state.refused() {
+                    return Some(Err(e));
+                }
+                Some(state.unit().status())
+                    .filter(UnitStatus::is_finished)
+                    .map(Ok)
+            },
+            |state| {
+                let unit = state.unit();
+                let events: Vec<String> = unit.events().iter().map(|e| e.to_string()).collect();
+                format!(
+                    "end of the unit (now {}); the manager's log:\n  {}\n",
+                    unit.status(),
+                    events.join("\n  ")
+                )
+            },
+        )?
     }
 
     /// Time since the manager started (the clock of [`Record::at`]).
@@ -345,20 +653,36 @@ impl FakeManager {
         timeout: Duration,
         pred: impl Fn(&Record) -> bool,
     ) -> Result<Record, CheckError> {
+        self.wait_until(
+            timeout,
+            |state| state.records.iter().skip(since).find(|r| pred(r)).cloned(),
+            |_| what.to_owned(),
+        )
+    }
+
+    /// Waits until `check` finds what it wants in the state; on timeout, the error names
+    /// `what` (given the state then) and carries the log.
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&mut State) -> Option<T>,
+        what: impl FnOnce(&mut State) -> String,
+    ) -> Result<T, CheckError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         loop {
-            if let Some(r) = state.records.iter().skip(since).find(|r| pred(r)) {
-                return Ok(r.clone());
+            if let Some(v) = check(&mut state) {
+                return Ok(v);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(CheckError::Timeout {
-                    what: what.to_owned(),
+                    what: what(&mut state),
                     timeout,
                     log: Log(state.records.clone()),
                 });
             }
+            // (The receiver wakes us at least every TICK, for the model's timers.)
             state = self
                 .shared
                 .changed
@@ -381,6 +705,23 @@ impl FakeManager {
     /// Waits for a `WATCHDOG=1` received at or after position `since`.
     pub fn wait_ping_since(&self, since: usize, timeout: Duration) -> Result<Record, CheckError> {
         self.wait_for_since(since, "WATCHDOG=1", timeout, Record::is_ping)
+    }
+
+    /// Waits until `n` `WATCHDOG=1` pings in all have been received, and returns them.
+    pub fn wait_pings(&self, n: usize, timeout: Duration) -> Result<Vec<Record>, CheckError> {
+        let pings = |state: &State| -> Vec<Record> {
+            state
+                .records
+                .iter()
+                .filter(|r| r.is_ping())
+                .cloned()
+                .collect()
+        };
+        self.wait_until(
+            timeout,
+            |state| Some(pings(state)).filter(|p| p.len() >= n),
+            |state| format!("{n} WATCHDOG=1 pings (got {})", pings(state).len()),
+        )
     }
 
     /// Succeeds if no `WATCHDOG=1` arrives, from now, for `window`: what a hung loop must
@@ -543,10 +884,26 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
         let mut iov = [io::IoSliceMut::new(&mut buf)];
         let msg = match rustix::net::recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC) {
             Ok(m) => m,
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {
+                // Nothing queued: the child's exit comes after every datagram it sent, as
+                // systemd reads its notify socket before SIGCHLD.
+                let now = Instant::now();
+                let mut state = shared.lock();
+                state.drive(now);
+                if state.unit.is_some()
+                    && let Some(exit) = state.child_exit()
+                {
+                    state.unit().on_exit(exit, now);
+                    state.drive(now);
+                }
+                drop(state);
+                shared.changed.notify_all();
+                continue;
+            }
             Err(_) => return,
         };
-        let at = started.elapsed();
+        let now = Instant::now();
+        let at = now.saturating_duration_since(started);
         let mut pid = None;
         let mut fds = Vec::new();
         for m in cmsg.drain() {
@@ -568,6 +925,13 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
             .trim_end_matches('\n')
             .to_owned();
         let mut state = shared.lock();
+        // What was due before this datagram arrived fires first.
+        state.drive(now);
+        let main = state.child.as_ref().map(|c| c.pid);
+        if main.is_none() || main == pid {
+            state.unit().on_message(&payload, now);
+            state.drive(now);
+        }
         let seq = state.records.len();
         state.records.push(Record {
             seq,
@@ -580,6 +944,66 @@ fn receive(sock: &UnixDatagram, shared: &Shared, started: Instant) {
         // Every earlier message is recorded: closing the fds acknowledges a BARRIER=1.
         drop(fds);
         shared.changed.notify_all();
+    }
+}
+
+/// Signals for a child service, as a test sends them (`systemctl stop` or `kill -HUP`
+/// would). Refuses, instead of signalling a pid that may be reused, once the child has been
+/// reaped.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use watchkeeper_testkit::{ChildExt as _, FakeManager, wait_exit};
+///
+/// let manager = FakeManager::start()?;
+/// let mut child = manager.spawn(&mut manager.command("my-service", None))?;
+/// manager.wait_ready(Duration::from_secs(5))?;
+/// child.hangup()?; // reload
+/// child.terminate()?; // stop
+/// let status = wait_exit(&mut child, Duration::from_secs(10))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait ChildExt {
+    /// Sends SIGTERM.
+    fn terminate(&mut self) -> io::Result<()>;
+    /// Sends SIGHUP.
+    fn hangup(&mut self) -> io::Result<()>;
+    /// Sends `signal`.
+    fn signal(&mut self, signal: rustix::process::Signal) -> io::Result<()>;
+}
+
+impl ChildExt for Child {
+    fn terminate(&mut self) -> io::Result<()> {
+        self.signal(rustix::process::Signal::TERM)
+    }
+
+    fn hangup(&mut self) -> io::Result<()> {
+        self.signal(rustix::process::Signal::HUP)
+    }
+
+    fn signal(&mut self, signal: rustix::process::Signal) -> io::Result<()> {
+        // A child that exited but was not waited for is a zombie: its pid is still its own.
+        // `try_wait` would reap it, so ask without reaping.
+        let pid = Pid::from_child(self);
+        let exited = rustix::process::waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        );
+        match exited {
+            Ok(Some(_)) => {
+                // Exited, not reaped: nothing to signal; not an error for a stop.
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(rustix::io::Errno::CHILD) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot send {signal:?} to pid {pid}: already reaped"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        rustix::process::kill_process(pid, signal).map_err(io::Error::from)
     }
 }
 
@@ -786,6 +1210,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!st.success());
+    }
+
+    #[test]
+    fn wait_pings_counts_all_pings_and_names_the_shortfall() {
+        let m = fed(&["WATCHDOG=1", "READY=1", "WATCHDOG=1"]);
+        let pings = m.wait_pings(2, Duration::from_secs(5)).unwrap();
+        assert_eq!(pings.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 2]);
+        let e = m.wait_pings(3, Duration::from_millis(30)).unwrap_err();
+        assert!(e.to_string().contains("3 WATCHDOG=1 pings (got 2)"), "{e}");
+    }
+
+    #[test]
+    fn child_ext_sends_sigterm_and_sighup_and_refuses_a_reaped_child() {
+        use std::os::unix::process::ExitStatusExt as _;
+        for (send, signal) in [
+            (ChildExt::terminate as fn(&mut Child) -> io::Result<()>, 15),
+            (ChildExt::hangup, 1),
+        ] {
+            let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+            send(&mut child).unwrap();
+            let st = wait_exit(&mut child, Duration::from_secs(10))
+                .unwrap()
+                .unwrap();
+            assert_eq!(st.signal(), Some(signal));
+            let e = child.terminate().unwrap_err();
+            assert!(e.to_string().contains("already reaped"), "{e}");
+        }
     }
 
     #[test]

@@ -764,6 +764,61 @@ impl Service {
     ///
     /// Returns `Ok` after a stop during the start too (see
     /// [the module documentation](self#a-stop-during-the-start)).
+    ///
+    /// A reload callback with state: the configuration lives behind an `Arc<RwLock<_>>` shared
+    /// with the work loop; each call clones the handle into its future, reads the new
+    /// configuration first and swaps it in only when that worked.
+    ///
+    /// ```no_run
+    /// use std::sync::{Arc, RwLock};
+    /// use std::time::Duration;
+    /// use watchkeeper::{Service, SystemdEnv};
+    ///
+    /// #[derive(Debug)]
+    /// struct Config {
+    ///     greeting: String,
+    ///     reloads: u64,
+    /// }
+    ///
+    /// fn read_greeting() -> std::io::Result<String> {
+    ///     std::fs::read_to_string("/etc/my-service/greeting")
+    /// }
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let service = Service::builder("my-service").env(SystemdEnv::from_env()).build()?;
+    /// let config = Arc::new(RwLock::new(Config { greeting: read_greeting()?, reloads: 0 }));
+    ///
+    /// let seen = config.clone();
+    /// let stop = service.shutdown_token();
+    /// service.spawn(async move {
+    ///     while !stop.is_cancelled() {
+    ///         let greeting = seen.read().map(|c| c.greeting.clone()).unwrap_or_default();
+    ///         println!("{greeting}");
+    ///         tokio::time::sleep(Duration::from_secs(1)).await;
+    ///     }
+    /// });
+    ///
+    /// service.lifecycle().ready().await?;
+    /// let report = service
+    ///     .run(move || {
+    ///         let config = config.clone();
+    ///         async move {
+    ///             // A file that cannot be read fails the reload; the old greeting stays.
+    ///             let greeting = read_greeting()?;
+    ///             let mut c = config
+    ///                 .write()
+    ///                 .map_err(|_| std::io::Error::other("configuration lock poisoned"))?;
+    ///             c.greeting = greeting;
+    ///             c.reloads += 1;
+    ///             Ok::<(), std::io::Error>(())
+    ///         }
+    ///     })
+    ///     .await?;
+    /// println!("stopped: {report:?}");
+    /// # Ok(())
+    /// # }
+    /// # fn main() { let _ = doc(); }
+    /// ```
     pub async fn run<F, Fut, E>(mut self, mut on_reload: F) -> Result<StopReport, ServiceError>
     where
         F: FnMut() -> Fut,

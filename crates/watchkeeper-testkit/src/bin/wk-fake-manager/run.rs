@@ -1,36 +1,46 @@
-//! Supervises one child like a `Type=notify` unit with `WatchdogSec=`, printing every
-//! notification as it arrives.
+//! Supervises one child like a `Type=notify` unit, with systemd 252's rules for what each
+//! notification does (`watchkeeper_testkit::unit`), printing every notification and every
+//! action of the manager as it happens.
 
 use std::ffi::OsString;
-use std::process::{Child, ExitCode, ExitStatus};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use rustix::process::{Pid, Signal};
-use watchkeeper_testkit::{FakeManager, Record};
+use watchkeeper_testkit::{
+    ActiveState, ChildExt as _, FakeManager, UnitConfig, UnitResult, UnitStatus,
+};
 
 /// Command-line options.
 #[derive(Debug, clap::Parser)]
 #[command(
     version,
-    about = "Run a service under a fake systemd manager: print its sd_notify messages, \
-             enforce start/stop timeouts and the watchdog like a Type=notify unit, \
-             and check the protocol's order."
+    about = "Run a service under a fake systemd manager: print its sd_notify messages, act on \
+             them as systemd 252 does for a Type=notify unit (watchdog, start/stop/runtime \
+             timeouts, EXTEND_TIMEOUT_USEC=, WATCHDOG_USEC=, WATCHDOG=trigger), check the \
+             protocol's order, and exit with the unit's Result=.",
+    after_help = "Exit status: 0 Result=success, 3 exit-code, 4 signal, 5 core-dump, \
+                  6 watchdog, 7 timeout, 8 protocol (exited before READY=1), 9 the protocol \
+                  checks failed on a successful run, 10 the service sent something the fake \
+                  does not model; 2 an error of wk-fake-manager itself."
 )]
 pub(crate) struct Options {
     /// WatchdogSec= in seconds (0: no watchdog).
     #[arg(long, default_value_t = 2.0)]
     watchdog_sec: f64,
-    /// TimeoutStartSec= in seconds: READY=1 must arrive within it (EXTEND_TIMEOUT_USEC= honoured).
+    /// TimeoutStartSec= in seconds (0: infinity); also the reload timeout.
     #[arg(long, default_value_t = 10.0)]
     start_timeout_sec: f64,
-    /// TimeoutStopSec= in seconds: after SIGTERM the service must exit within it.
+    /// TimeoutStopSec= in seconds (0: infinity).
     #[arg(long, default_value_t = 10.0)]
     stop_timeout_sec: f64,
+    /// RuntimeMaxSec= in seconds (0: infinity).
+    #[arg(long, default_value_t = 0.0)]
+    runtime_max_sec: f64,
     /// Send SIGHUP this many seconds after READY=1 (repeatable).
     #[arg(long, value_name = "SECONDS")]
     reload_after: Vec<f64>,
-    /// Send SIGTERM this many seconds after READY=1.
+    /// Stop the unit (SIGTERM, SIGKILL after TimeoutStopSec=) this many seconds after READY=1.
     #[arg(long, value_name = "SECONDS")]
     stop_after: Option<f64>,
     /// Bind NOTIFY_SOCKET at this path instead of a fresh @abstract name.
@@ -41,33 +51,39 @@ pub(crate) struct Options {
     command: Vec<OsString>,
 }
 
-/// How the run ended, as systemd's `Result=` would say it.
+/// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Success,
-    ExitCode,
-    Signal,
-    Watchdog,
-    Timeout,
+    /// The unit's `Result=`.
+    Result(UnitResult),
+    /// `Result=success`, but the protocol checks failed.
     Protocol,
+    /// The service sent something the model does not cover.
+    Unsupported,
 }
 
 impl Outcome {
     pub(crate) fn exit_code(self) -> ExitCode {
-        match self {
-            Outcome::Success => ExitCode::SUCCESS,
-            _ => ExitCode::FAILURE,
-        }
+        ExitCode::from(match self {
+            Outcome::Result(UnitResult::Success) => 0,
+            Outcome::Result(UnitResult::ExitCode) => 3,
+            Outcome::Result(UnitResult::Signal) => 4,
+            Outcome::Result(UnitResult::CoreDump) => 5,
+            Outcome::Result(UnitResult::Watchdog) => 6,
+            Outcome::Result(UnitResult::Timeout) => 7,
+            Outcome::Result(UnitResult::Protocol) => 8,
+            Outcome::Protocol => 9,
+            Outcome::Unsupported => 10,
+            // A result added to the model later.
+            Outcome::Result(_) => 1,
+        })
     }
 
     fn name(self) -> &'static str {
         match self {
-            Outcome::Success => "success",
-            Outcome::ExitCode => "exit-code",
-            Outcome::Signal => "signal",
-            Outcome::Watchdog => "watchdog",
-            Outcome::Timeout => "timeout",
+            Outcome::Result(r) => r.as_str(),
             Outcome::Protocol => "protocol-violation",
+            Outcome::Unsupported => "not-modelled",
         }
     }
 }
@@ -76,21 +92,12 @@ fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(s).with_context(|| format!("--{what}: {s} is not a duration"))
 }
 
-/// What the supervisor is waiting for.
-#[derive(Debug)]
-enum Phase {
-    Starting { deadline: Instant },
-    Running,
-    Stopping { deadline: Instant },
-}
-
 pub(crate) fn run(opts: &Options) -> anyhow::Result<Outcome> {
-    let watchdog = match secs(opts.watchdog_sec, "watchdog-sec")? {
-        d if d.is_zero() => None,
-        d => Some(d),
-    };
-    let start_timeout = secs(opts.start_timeout_sec, "start-timeout-sec")?;
-    let stop_timeout = secs(opts.stop_timeout_sec, "stop-timeout-sec")?;
+    let cfg = UnitConfig::new()
+        .watchdog(secs(opts.watchdog_sec, "watchdog-sec")?)
+        .start_timeout(secs(opts.start_timeout_sec, "start-timeout-sec")?)
+        .stop_timeout(secs(opts.stop_timeout_sec, "stop-timeout-sec")?)
+        .runtime_max(secs(opts.runtime_max_sec, "runtime-max-sec")?);
     let mut reloads = opts
         .reload_after
         .iter()
@@ -100,19 +107,20 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<Outcome> {
     let stop_after = opts.stop_after.map(|s| secs(s, "stop-after")).transpose()?;
 
     let manager = match &opts.notify_socket {
-        Some(p) => FakeManager::start_at(p)
+        Some(p) => FakeManager::start_unit_at(p, cfg.clone())
             .with_context(|| format!("cannot bind NOTIFY_SOCKET at {}", p.display()))?,
-        None => FakeManager::start().context("cannot bind an abstract NOTIFY_SOCKET")?,
+        None => {
+            FakeManager::start_unit(cfg.clone()).context("cannot bind an abstract NOTIFY_SOCKET")?
+        }
     };
     let Some((program, args)) = opts.command.split_first() else {
         bail!("no command given");
     };
+    let mut cmd = manager.command(program, cfg.watchdog);
+    cmd.args(args);
     let mut child = manager
-        .command(program, watchdog)
-        .args(args)
-        .spawn()
+        .spawn(&mut cmd)
         .with_context(|| format!("cannot start {}", program.to_string_lossy()))?;
-    let pid = Pid::from_child(&child);
     let say = |what: &str| {
         println!(
             "[{:>8.3}s] manager     {what}",
@@ -120,156 +128,97 @@ pub(crate) fn run(opts: &Options) -> anyhow::Result<Outcome> {
         )
     };
     say(&format!(
-        "started {} as pid {pid}; NOTIFY_SOCKET={} WatchdogSec={}",
+        "started {} as pid {}; NOTIFY_SOCKET={} WatchdogSec={} TimeoutStartSec={} \
+         TimeoutStopSec={}",
         program.to_string_lossy(),
+        child.id(),
         manager.notify_socket().to_string_lossy(),
-        watchdog.map_or("off".into(), |w| format!("{w:?}"))
+        show(cfg.watchdog),
+        show(cfg.start_timeout),
+        show(cfg.stop_timeout),
     ));
 
-    let mut phase = Phase::Starting {
-        deadline: Instant::now() + start_timeout,
-    };
-    let mut watchdog_limit = watchdog;
-    let mut last_ping: Option<Instant> = None;
+    let (mut cursor, mut seen_events) = (0, 0);
     let mut ready_at: Option<Instant> = None;
-    let mut cursor = 0;
-    let mut outcome: Option<Outcome> = None;
-    let signal = |sig: Signal, name: &str| {
-        say(&format!("sending {name} to pid {pid}"));
-        if let Err(e) = rustix::process::kill_process(pid, sig) {
-            say(&format!("cannot send {name}: {e}"));
-        }
-    };
-
-    let status: ExitStatus = loop {
-        // Print and act on whatever arrived.
+    let mut stop_sent = false;
+    let status: UnitStatus = loop {
+        // Print whatever arrived and whatever the manager did, in order.
         let _ = manager.wait_for_since(cursor, "", Duration::from_millis(10), |_| true);
-        let mut new: Vec<Record> = manager.records();
-        let new = new.split_off(cursor.min(new.len()));
-        for r in &new {
-            cursor = r.seq + 1;
-            println!("{r}");
-            let now = Instant::now();
-            if let Some(u) = r
-                .get("EXTEND_TIMEOUT_USEC")
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                let until = now + Duration::from_micros(u);
-                match &mut phase {
-                    Phase::Starting { deadline } | Phase::Stopping { deadline } => {
-                        *deadline = (*deadline).max(until);
-                    }
-                    Phase::Running => {}
-                }
-            }
-            if let Some(u) = r.get("WATCHDOG_USEC").and_then(|v| v.parse::<u64>().ok()) {
-                watchdog_limit = (u > 0).then(|| Duration::from_micros(u));
-                last_ping = Some(now);
-                say(&format!("watchdog timeout changed to {:?}", watchdog_limit));
-            }
-            if r.is_ping() {
-                last_ping = Some(now);
-            }
-            if r.has("READY", "1") && matches!(phase, Phase::Starting { .. }) {
-                phase = Phase::Running;
-                ready_at = Some(now);
-                last_ping = Some(now);
-                say("service is active (running)");
-            }
-            if r.has("STOPPING", "1") && !matches!(phase, Phase::Stopping { .. }) {
-                phase = Phase::Stopping {
-                    deadline: now + stop_timeout,
-                };
-                say("service is deactivating");
-            }
-            if r.has("WATCHDOG", "trigger") && outcome.is_none() {
-                say("watchdog trigger requested");
-                outcome = Some(Outcome::Watchdog);
-                signal(Signal::ABORT, "SIGABRT");
-            }
-        }
+        print_new(&manager, &mut cursor, &mut seen_events);
 
-        if let Some(st) = child.try_wait().context("cannot wait for the service")? {
-            break st;
+        let status = manager.unit_status();
+        if status.is_finished() {
+            break status;
         }
-        let now = Instant::now();
-        match &phase {
-            Phase::Starting { deadline } if now >= *deadline && outcome.is_none() => {
-                say("start operation timed out");
-                outcome = Some(Outcome::Timeout);
-                signal(Signal::TERM, "SIGTERM");
-                phase = Phase::Stopping {
-                    deadline: now + stop_timeout,
-                };
-            }
-            Phase::Running => {
-                if let (Some(limit), Some(last)) = (watchdog_limit, last_ping)
-                    && now.duration_since(last) >= limit
-                    && outcome.is_none()
-                {
-                    say(&format!("watchdog timeout (limit {limit:?})!"));
-                    outcome = Some(Outcome::Watchdog);
-                    signal(Signal::ABORT, "SIGABRT");
-                    phase = Phase::Stopping {
-                        deadline: now + stop_timeout,
-                    };
-                }
-                let since_ready = ready_at.map_or(Duration::ZERO, |r| now.duration_since(r));
-                if reloads.first().is_some_and(|&r| since_ready >= r) {
-                    reloads.remove(0);
-                    signal(Signal::HUP, "SIGHUP");
-                }
-                if stop_after.is_some_and(|s| since_ready >= s) && outcome.is_none() {
-                    signal(Signal::TERM, "SIGTERM");
-                    phase = Phase::Stopping {
-                        deadline: now + stop_timeout,
-                    };
+        if ready_at.is_none() && status.active_state == ActiveState::Active {
+            ready_at = Some(Instant::now());
+        }
+        if let Some(ready) = ready_at {
+            let since_ready = ready.elapsed();
+            if reloads.first().is_some_and(|&r| since_ready >= r) {
+                reloads.remove(0);
+                say("sending SIGHUP (reload)");
+                if let Err(e) = child.hangup() {
+                    say(&format!("cannot send SIGHUP: {e}"));
                 }
             }
-            Phase::Stopping { deadline } if now >= *deadline => {
-                say("stop operation timed out; killing");
-                outcome.get_or_insert(Outcome::Timeout);
-                signal(Signal::KILL, "SIGKILL");
-                break wait(&mut child)?;
+            if !stop_sent && stop_after.is_some_and(|s| since_ready >= s) {
+                stop_sent = true;
+                manager.stop_unit();
             }
-            _ => {}
         }
     };
+    let exit = child.wait().context("cannot wait for the service")?;
+    print_new(&manager, &mut cursor, &mut seen_events);
+    say(&format!("service exited: {exit}; {status}"));
 
-    // Print what arrived after the last look.
-    for r in manager.records().iter().skip(cursor) {
-        println!("{r}");
-    }
-    say(&format!("service exited: {status}"));
-    let outcome = outcome.unwrap_or_else(|| {
-        use std::os::unix::process::ExitStatusExt as _;
-        match (status.code(), status.signal()) {
-            (Some(0), _) => Outcome::Success,
-            (Some(_), _) => Outcome::ExitCode,
-            _ => Outcome::Signal,
-        }
-    });
-    let outcome = match manager.check_protocol() {
-        Ok(()) => outcome,
+    let outcome = match manager.unit_result() {
         Err(e) => {
-            say(&format!("protocol violation: {e}"));
-            if outcome == Outcome::Success {
-                Outcome::Protocol
-            } else {
-                outcome
-            }
+            say(&format!("{e}"));
+            Outcome::Unsupported
         }
+        Ok(UnitResult::Success) => match manager.check_protocol() {
+            Ok(()) => Outcome::Result(UnitResult::Success),
+            Err(e) => {
+                say(&format!("protocol violation: {e}"));
+                Outcome::Protocol
+            }
+        },
+        Ok(r) => Outcome::Result(r),
     };
     let records = manager.records();
     say(&format!(
-        "result: {} ({} messages, {} watchdog pings)",
+        "result: {} (ActiveState={} SubState={}; {} messages, {} watchdog pings)",
         outcome.name(),
+        status.active_state,
+        status.sub_state,
         records.len(),
         records.iter().filter(|r| r.is_ping()).count()
     ));
     Ok(outcome)
 }
 
-fn wait(child: &mut Child) -> anyhow::Result<ExitStatus> {
-    child.wait().context("cannot wait for the service")
+/// Prints the datagrams and the manager's actions since the last call, in time order.
+fn print_new(manager: &FakeManager, cursor: &mut usize, seen_events: &mut usize) {
+    let mut lines: Vec<(Duration, String)> = Vec::new();
+    for r in manager.records().iter().skip(*cursor) {
+        *cursor = r.seq + 1;
+        lines.push((r.at, r.to_string()));
+    }
+    let events = manager.unit_events();
+    for e in events.iter().skip(*seen_events) {
+        lines.push((
+            e.at,
+            format!("[{:>8.3}s] manager     {}", e.at.as_secs_f64(), e.what),
+        ));
+    }
+    *seen_events = events.len();
+    lines.sort_by_key(|(at, _)| *at);
+    for (_, l) in lines {
+        println!("{l}");
+    }
+}
+
+fn show(d: Option<Duration>) -> String {
+    d.map_or("infinity".into(), |d| format!("{d:?}"))
 }
