@@ -15,7 +15,9 @@
 //! 3. `LISTEN_FDS` unset: nothing was passed. `0`, not a decimal number, or too large: error
 //!    (`-EINVAL` in `sd-daemon.c`).
 //! 4. `LISTEN_FDNAMES`, if set, is split at `:` with empty fields kept and must have exactly
-//!    `LISTEN_FDS` entries (else error). Unset, every fd is named `unknown`.
+//!    `LISTEN_FDS` entries (else error). Unset, every fd is named [`UNNAMED_FD`] (`unknown`).
+//!    systemd always sets it: an fd is named after `FileDescriptorName=` or, without one, after
+//!    its socket unit (`web.socket`).
 //! 5. Every fd from [`SD_LISTEN_FDS_START`] on must be open and gets `FD_CLOEXEC`, so that the
 //!    sockets do not leak into children.
 //!
@@ -58,6 +60,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::io::{Errno, FdFlags};
@@ -71,8 +74,24 @@ use crate::env::{
 /// The first passed fd (`SD_LISTEN_FDS_START` in `sd-daemon.h`).
 pub const SD_LISTEN_FDS_START: RawFd = 3;
 
-/// The name systemd gives an fd when `LISTEN_FDNAMES` is unset.
-pub const DEFAULT_FD_NAME: &str = "unknown";
+/// The name `sd_listen_fds_with_names()` reports for every fd when `LISTEN_FDNAMES` is unset.
+///
+/// systemd itself (227+) always sets `LISTEN_FDNAMES` when it passes sockets: each fd is named
+/// after `FileDescriptorName=` of its `.socket` unit or, when that is unset, after the socket
+/// unit itself, suffix included (`web.socket`; `socket_fdname()` in `src/core/socket.c`). Only
+/// other launchers (`systemd-socket-activate` without `--fdname`, older managers) leave the
+/// names unset, and then every fd is called `unknown`. The `*_or_bind` helpers treat fds of
+/// this name as unnamed: a name asked for does not match them, and the only listener of the
+/// requested kind is taken instead.
+pub const UNNAMED_FD: &str = "unknown";
+
+/// The former name of [`UNNAMED_FD`]. It is not a name systemd gives: see [`UNNAMED_FD`].
+#[deprecated(note = "use UNNAMED_FD; systemd names fds after the socket unit, see its docs")]
+pub const DEFAULT_FD_NAME: &str = UNNAMED_FD;
+
+/// The suffix of a socket unit's name, which systemd uses as the fd name when
+/// `FileDescriptorName=` is unset.
+const SOCKET_UNIT_SUFFIX: &str = ".socket";
 
 /// `PID_FS_MAGIC` from `linux/magic.h`: the file system of pidfds on Linux 6.9+.
 const PID_FS_MAGIC: u64 = 0x5049_4446;
@@ -147,6 +166,37 @@ pub enum ActivationError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// More than one passed fd could be the listener asked for, and no name picks one.
+    #[error(
+        "{count} passed fds are {expected} ({names:?}); name the one to use \
+         (FileDescriptorName= in the .socket unit)"
+    )]
+    Ambiguous {
+        /// What was asked for.
+        expected: &'static str,
+        /// How many fds qualify.
+        count: usize,
+        /// Their names.
+        names: Vec<String>,
+    },
+    /// No suitable fd was passed, and binding the fallback address failed.
+    #[error("no passed fd {wanted}, and binding {addr} failed: {source}")]
+    Bind {
+        /// Which fd was looked for, e.g. `named "web" or "web.socket"`.
+        wanted: String,
+        /// The address that was bound instead.
+        addr: String,
+        /// What `bind(2)` or `listen(2)` said.
+        #[source]
+        source: io::Error,
+    },
+    /// A tokio listener was asked for outside a tokio runtime, before any fd was taken or any
+    /// address bound.
+    #[error("{what} cannot become a tokio listener outside a tokio runtime; use the std_* variant")]
+    NotInRuntime {
+        /// The listener asked for, e.g. `a listener on "127.0.0.1:8080"`.
+        what: String,
     },
     /// A tokio listener was asked for outside a tokio runtime.
     #[error(
@@ -252,7 +302,7 @@ impl Plan {
                 .names
                 .as_ref()
                 .and_then(|names| names.get(i))
-                .map_or(DEFAULT_FD_NAME, String::as_str);
+                .map_or(UNNAMED_FD, String::as_str);
             (name, fd)
         })
     }
@@ -507,6 +557,163 @@ impl ListenFds {
         Ok(std::net::TcpListener::from(fd))
     }
 
+    /// The passed TCP listener named `name`, or the only one, or else a listener bound to
+    /// `addr`, as a tokio [`TcpListener`](tokio::net::TcpListener) (non-blocking), and where it
+    /// came from, for the service to log.
+    ///
+    /// This is how a service runs both socket-activated and stand-alone with one code path.
+    /// The passed fd is chosen as follows:
+    ///
+    /// 1. With `Some(name)`: the fd named `name`, or else the one named `name.socket` — the name
+    ///    systemd gives the fd of `name.socket` when that unit sets no `FileDescriptorName=`.
+    ///    An fd of that name that is not a listening TCP socket is an error
+    ///    ([`ActivationError::WrongKind`]), not a reason to bind.
+    /// 2. Otherwise the only listening TCP socket among the fds left: with `Some(name)` only
+    ///    among fds without a name ([`UNNAMED_FD`], a launcher that set no `LISTEN_FDNAMES`), so
+    ///    that the listener of another socket unit is never taken by mistake; with `None`
+    ///    among all. Two or more candidates are [`ActivationError::Ambiguous`].
+    /// 3. No candidate: `addr` is bound (with `SO_REUSEADDR`, as [`std::net::TcpListener::bind`]
+    ///    does) and [`ListenerSource::Bound`] returned.
+    ///
+    /// # Errors
+    ///
+    /// [`ActivationError::WrongKind`], [`ActivationError::Ambiguous`],
+    /// [`ActivationError::Bind`] (naming the address), [`ActivationError::NotInRuntime`]
+    /// outside a tokio runtime (checked before anything is taken or bound), or
+    /// [`ActivationError::Io`].
+    pub fn tcp_listener_or_bind(
+        &mut self,
+        name: Option<&str>,
+        addr: impl std::net::ToSocketAddrs + std::fmt::Debug,
+    ) -> Result<(tokio::net::TcpListener, ListenerSource), ActivationError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ActivationError::NotInRuntime {
+                what: format!("a TCP listener (passed, or bound to {addr:?})"),
+            });
+        }
+        let label = format!("{addr:?}");
+        let (listener, source) = self.std_tcp_listener_or_bind(name, addr)?;
+        let (raw, label) = (listener.as_raw_fd(), source.label(label));
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .map(|l| (l, source))
+            .map_err(|e| io_err(label, raw, "registering with tokio", e))
+    }
+
+    /// [`ListenFds::tcp_listener_or_bind`] for an `AF_UNIX` stream socket bound at `path`. A
+    /// socket file left at `path` by an earlier run is not removed: binding then fails with
+    /// `EADDRINUSE` ([`ActivationError::Bind`]); remove a stale socket first if that is safe.
+    ///
+    /// # Errors
+    ///
+    /// As for [`ListenFds::tcp_listener_or_bind`].
+    pub fn unix_listener_or_bind(
+        &mut self,
+        name: Option<&str>,
+        path: impl AsRef<Path>,
+    ) -> Result<(tokio::net::UnixListener, ListenerSource), ActivationError> {
+        let path = path.as_ref();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ActivationError::NotInRuntime {
+                what: format!("an AF_UNIX listener (passed, or bound at {path:?})"),
+            });
+        }
+        let (listener, source) = self.std_unix_listener_or_bind(name, path)?;
+        let (raw, label) = (listener.as_raw_fd(), source.label(format!("{path:?}")));
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener))
+            .map(|l| (l, source))
+            .map_err(|e| io_err(label, raw, "registering with tokio", e))
+    }
+
+    /// [`ListenFds::tcp_listener_or_bind`] without tokio: a blocking std
+    /// [`TcpListener`](std::net::TcpListener).
+    ///
+    /// # Errors
+    ///
+    /// As for [`ListenFds::tcp_listener_or_bind`], except [`ActivationError::NotInRuntime`].
+    pub fn std_tcp_listener_or_bind(
+        &mut self,
+        name: Option<&str>,
+        addr: impl std::net::ToSocketAddrs + std::fmt::Debug,
+    ) -> Result<(std::net::TcpListener, ListenerSource), ActivationError> {
+        if let Some(i) = self.find_listener(name, Family::Inet)? {
+            let (fd, name) = self.take_at(i, Family::Inet, false)?;
+            return Ok((fd.into(), ListenerSource::Activated { name }));
+        }
+        std::net::TcpListener::bind(&addr)
+            .map(|l| (l, ListenerSource::Bound))
+            .map_err(|source| ActivationError::Bind {
+                wanted: wanted(name, Family::Inet),
+                addr: format!("{addr:?}"),
+                source,
+            })
+    }
+
+    /// [`ListenFds::unix_listener_or_bind`] without tokio: a blocking std
+    /// [`UnixListener`](std::os::unix::net::UnixListener).
+    ///
+    /// # Errors
+    ///
+    /// As for [`ListenFds::tcp_listener_or_bind`], except [`ActivationError::NotInRuntime`].
+    pub fn std_unix_listener_or_bind(
+        &mut self,
+        name: Option<&str>,
+        path: impl AsRef<Path>,
+    ) -> Result<(std::os::unix::net::UnixListener, ListenerSource), ActivationError> {
+        let path = path.as_ref();
+        if let Some(i) = self.find_listener(name, Family::Unix)? {
+            let (fd, name) = self.take_at(i, Family::Unix, false)?;
+            return Ok((fd.into(), ListenerSource::Activated { name }));
+        }
+        std::os::unix::net::UnixListener::bind(path)
+            .map(|l| (l, ListenerSource::Bound))
+            .map_err(|source| ActivationError::Bind {
+                wanted: wanted(name, Family::Unix),
+                addr: format!("{path:?}"),
+                source,
+            })
+    }
+
+    /// The index of the fd the `*_or_bind` helpers take (see
+    /// [`ListenFds::tcp_listener_or_bind`]), `None` when they should bind.
+    fn find_listener(
+        &self,
+        name: Option<&str>,
+        family: Family,
+    ) -> Result<Option<usize>, ActivationError> {
+        if let Some(name) = name {
+            let unit = format!("{name}{SOCKET_UNIT_SUFFIX}");
+            let named = self
+                .fds
+                .iter()
+                .position(|(n, _)| n == name)
+                .or_else(|| self.fds.iter().position(|(n, _)| *n == unit));
+            if named.is_some() {
+                return Ok(named);
+            }
+        }
+        let candidates: Vec<usize> = self
+            .fds
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| name.is_none() || n == UNNAMED_FD)
+            .filter(|(_, (n, fd))| check_listener(fd.as_fd(), n, family).is_ok())
+            .map(|(i, _)| i)
+            .collect();
+        match candidates.as_slice() {
+            [] => Ok(None),
+            [only] => Ok(Some(*only)),
+            more => Err(ActivationError::Ambiguous {
+                expected: family.expected(),
+                count: more.len(),
+                names: more.iter().map(|&i| self.fds[i].0.clone()).collect(),
+            }),
+        }
+    }
+
     /// Finds, checks, sets the blocking mode of, and only then removes the fd named `name`.
     fn take_listener(
         &mut self,
@@ -520,7 +727,18 @@ impl ListenFds {
                 available: self.names().map(str::to_owned).collect(),
             });
         };
-        let fd = self.fds[i].1.as_fd();
+        self.take_at(i, family, nonblocking)
+    }
+
+    /// Checks, sets the blocking mode of, and only then removes the fd at index `i`.
+    fn take_at(
+        &mut self,
+        i: usize,
+        family: Family,
+        nonblocking: bool,
+    ) -> Result<(OwnedFd, String), ActivationError> {
+        let (name, fd) = &self.fds[i];
+        let (name, fd) = (name.as_str(), fd.as_fd());
         check_listener(fd, name, family)?;
         if nonblocking && tokio::runtime::Handle::try_current().is_err() {
             return Err(ActivationError::NoRuntime {
@@ -532,6 +750,49 @@ impl ListenFds {
             .map_err(|e| io_err(name.to_owned(), fd.as_raw_fd(), "ioctl(FIONBIO)", e.into()))?;
         let (name, fd) = self.fds.remove(i);
         Ok((fd, name))
+    }
+}
+
+/// Where a listener from one of the `*_or_bind` helpers of [`ListenFds`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenerSource {
+    /// Passed by the manager (socket activation).
+    Activated {
+        /// Its name from `LISTEN_FDNAMES` (e.g. `web.socket` or a `FileDescriptorName=`), or
+        /// [`UNNAMED_FD`].
+        name: String,
+    },
+    /// No suitable fd was passed: the given address was bound.
+    Bound,
+}
+
+impl std::fmt::Display for ListenerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenerSource::Activated { name } => {
+                write!(f, "socket activation, passed fd named {name:?}")
+            }
+            ListenerSource::Bound => f.write_str("bound by the service"),
+        }
+    }
+}
+
+/// What the `*_or_bind` helpers looked for, for [`ActivationError::Bind`].
+fn wanted(name: Option<&str>, family: Family) -> String {
+    match name {
+        Some(name) => format!("named {name:?} or \"{name}{SOCKET_UNIT_SUFFIX}\""),
+        None => format!("that is {}", family.expected()),
+    }
+}
+
+impl ListenerSource {
+    /// The fd's name, or the bound address, for an error message.
+    fn label(&self, addr: String) -> String {
+        match self {
+            ListenerSource::Activated { name } => name.clone(),
+            ListenerSource::Bound => addr,
+        }
     }
 }
 
@@ -963,6 +1224,197 @@ mod tests {
         let _c = UnixStream::connect(&path).unwrap();
         l.accept().unwrap();
         assert_eq!(fds.names().collect::<Vec<_>>(), ["other"]);
+    }
+
+    fn tcp() -> std::net::TcpListener {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    fn addr_of(fd: &impl AsFd) -> rustix::net::SocketAddrAny {
+        rustix::net::getsockname(fd).unwrap()
+    }
+
+    #[test]
+    fn or_bind_takes_the_fd_named_after_the_socket_unit() {
+        let passed = tcp();
+        let want = addr_of(&passed);
+        let dir = tempfile::tempdir().unwrap();
+        let unix = UnixListener::bind(dir.path().join("l")).unwrap();
+        // systemd's name for the fd of web.socket without FileDescriptorName=.
+        let mut fds = ListenFds::from_fds(vec![
+            ("ctl.socket".into(), unix.into()),
+            ("web.socket".into(), passed.into()),
+        ]);
+        let (l, source) = fds
+            .std_tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        assert_eq!(
+            source,
+            ListenerSource::Activated {
+                name: "web.socket".into()
+            }
+        );
+        assert_eq!(addr_of(&l), want);
+        assert_eq!(fds.names().collect::<Vec<_>>(), ["ctl.socket"]);
+        // The exact name works as well, and wins over `NAME.socket`.
+        let mut fds = ListenFds::from_fds(vec![
+            ("web.socket".into(), tcp().into()),
+            ("web".into(), tcp().into()),
+        ]);
+        let (_, source) = fds
+            .std_tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        assert_eq!(source, ListenerSource::Activated { name: "web".into() });
+    }
+
+    #[test]
+    fn or_bind_without_a_name_takes_the_only_fd_of_the_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let passed = tcp();
+        let want = addr_of(&passed);
+        let unix = UnixListener::bind(dir.path().join("l")).unwrap();
+        let mut fds = ListenFds::from_fds(vec![
+            ("ctl".into(), unix.into()),
+            ("whatever".into(), passed.into()),
+        ]);
+        let (l, source) = fds.std_tcp_listener_or_bind(None, "127.0.0.1:0").unwrap();
+        assert_eq!(
+            source,
+            ListenerSource::Activated {
+                name: "whatever".into()
+            }
+        );
+        assert_eq!(addr_of(&l), want);
+        let (_, source) = fds
+            .std_unix_listener_or_bind(None, dir.path().join("other"))
+            .unwrap();
+        assert_eq!(source, ListenerSource::Activated { name: "ctl".into() });
+        assert!(fds.is_empty());
+        assert!(!dir.path().join("other").exists(), "bound although passed");
+    }
+
+    #[test]
+    fn or_bind_with_unset_names_takes_the_only_fd_of_the_kind() {
+        // LISTEN_FDNAMES unset (not systemd): a name cannot match, the kind decides.
+        let passed = tcp();
+        let want = addr_of(&passed);
+        let mut fds = ListenFds::from_fds(vec![
+            (UNNAMED_FD.into(), UnixStream::pair().unwrap().0.into()),
+            (UNNAMED_FD.into(), passed.into()),
+        ]);
+        let (l, source) = fds
+            .std_tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        assert_eq!(
+            source,
+            ListenerSource::Activated {
+                name: UNNAMED_FD.into()
+            }
+        );
+        assert_eq!(addr_of(&l), want);
+    }
+
+    #[test]
+    fn or_bind_binds_when_nothing_fits_and_leaves_other_units_fds_alone() {
+        let other = tcp();
+        let other_addr = addr_of(&other);
+        let mut fds = ListenFds::from_fds(vec![("admin.socket".into(), other.into())]);
+        let (l, source) = fds
+            .std_tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        assert_eq!(source, ListenerSource::Bound);
+        assert_ne!(addr_of(&l), other_addr);
+        assert_eq!(fds.names().collect::<Vec<_>>(), ["admin.socket"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (l, source) = ListenFds::default()
+            .std_unix_listener_or_bind(None, &path)
+            .unwrap();
+        assert_eq!(source, ListenerSource::Bound);
+        drop(UnixStream::connect(&path).unwrap());
+        l.accept().unwrap();
+    }
+
+    #[test]
+    fn or_bind_errors_name_what_went_wrong() {
+        // Two candidates and no name to choose.
+        let mut fds =
+            ListenFds::from_fds(vec![("a".into(), tcp().into()), ("b".into(), tcp().into())]);
+        let e = fds
+            .std_tcp_listener_or_bind(None, "127.0.0.1:0")
+            .unwrap_err();
+        assert!(
+            matches!(&e, ActivationError::Ambiguous { count: 2, names, .. } if names == &["a", "b"]),
+            "{e:?}"
+        );
+        assert_eq!(fds.len(), 2);
+
+        // The named fd is of another kind: an error, not a silent bind.
+        let dir = tempfile::tempdir().unwrap();
+        let unix = UnixListener::bind(dir.path().join("l")).unwrap();
+        let mut fds = ListenFds::from_fds(vec![("web.socket".into(), unix.into())]);
+        let e = fds
+            .std_tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap_err();
+        assert!(matches!(e, ActivationError::WrongKind { .. }), "{e:?}");
+        assert_eq!(fds.len(), 1);
+
+        // Nothing passed and the address is taken.
+        let busy = tcp();
+        let addr = busy.local_addr().unwrap();
+        let e = ListenFds::default()
+            .std_tcp_listener_or_bind(Some("web"), addr)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ActivationError::Bind { .. }), "{e:?}");
+        assert!(
+            msg.contains(&addr.to_string()) && msg.contains("web.socket"),
+            "{msg}"
+        );
+        let missing = dir.path().join("no/such/dir/s");
+        let e = ListenFds::default()
+            .std_unix_listener_or_bind(None, &missing)
+            .unwrap_err();
+        assert!(e.to_string().contains("no/such/dir"), "{e}");
+    }
+
+    #[test]
+    fn tokio_or_bind_outside_a_runtime_takes_nothing() {
+        let mut fds = ListenFds::from_fds(vec![("web".into(), tcp().into())]);
+        let e = fds
+            .tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap_err();
+        assert!(matches!(e, ActivationError::NotInRuntime { .. }), "{e:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let e = fds.unix_listener_or_bind(None, &path).unwrap_err();
+        assert!(matches!(e, ActivationError::NotInRuntime { .. }), "{e:?}");
+        assert_eq!(fds.len(), 1);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn tokio_or_bind_gives_nonblocking_listeners_that_accept() {
+        let passed = tcp();
+        let addr = passed.local_addr().unwrap();
+        let mut fds = ListenFds::from_fds(vec![("web.socket".into(), passed.into())]);
+        let (l, source) = fds
+            .tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        assert!(matches!(source, ListenerSource::Activated { .. }));
+        let fl = rustix::fs::fcntl_getfl(&l).unwrap();
+        assert!(fl.contains(rustix::fs::OFlags::NONBLOCK));
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        l.accept().await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let (l, source) = fds.unix_listener_or_bind(Some("ctl"), &path).unwrap();
+        assert_eq!(source, ListenerSource::Bound);
+        assert_eq!(source.to_string(), "bound by the service");
+        let _c = UnixStream::connect(&path).unwrap();
+        l.accept().await.unwrap();
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::mem::ManuallyDrop;
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rustix::io::{Errno, FdFlags};
 use watchkeeper::SystemdEnv;
-use watchkeeper::activation::{self, ActivationError};
+use watchkeeper::activation::{self, ActivationError, ListenerSource};
 use watchkeeper::env::{LISTEN_PID, LISTEN_PIDFDID};
 
 const ROLE: &str = "WK_ACTIVATION_CHILD";
@@ -31,6 +31,8 @@ const DEADLINE: Duration = Duration::from_secs(60);
 enum Fd3<'a> {
     /// `dup2(listener, 3)` with `FD_CLOEXEC` cleared.
     Listener(&'a UnixListener),
+    /// The same with a TCP listener.
+    Tcp(&'a TcpListener),
     /// Closed.
     Closed,
 }
@@ -71,6 +73,7 @@ fn spawn_child(test: &str, role: &str, fd3: Fd3<'_>, env: &[(&str, &str)]) -> Ru
         .stderr(Stdio::piped());
     let src: Option<RawFd> = match fd3 {
         Fd3::Listener(l) => Some(l.as_raw_fd()),
+        Fd3::Tcp(l) => Some(l.as_raw_fd()),
         Fd3::Closed => None,
     };
     let setup_fd3 = move || {
@@ -186,6 +189,59 @@ fn parent_passes_listener_to_child() {
     assert_eq!(reply.unwrap(), "pong ping\n");
 }
 
+/// A passed TCP listener named as systemd names it without `FileDescriptorName=`.
+#[test]
+fn parent_passes_tcp_listener_named_after_its_socket_unit() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let running = spawn_child(
+        "child_tcp_or_bind",
+        "tcp-or-bind",
+        Fd3::Tcp(&listener),
+        &[
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "web.socket"),
+            ("WK_EXPECT_ADDR", &addr.to_string()),
+        ],
+    );
+    drop(listener);
+    let reply = (|| -> std::io::Result<String> {
+        let mut c = TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(DEADLINE))?;
+        c.write_all(b"ping\n")?;
+        c.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply)?;
+        Ok(reply)
+    })();
+    let out = running.finish();
+    out.assert_ok("WK_CHILD_OK tcp-or-bind");
+    assert!(
+        out.stdout
+            .contains("listening: socket activation, passed fd named \"web.socket\""),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(reply.unwrap(), "pong ping\n");
+}
+
+/// Nothing passed: the same call binds, and fd 3 (open, but not passed) is left alone.
+#[test]
+fn parent_nothing_passed_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = UnixListener::bind(dir.path().join("not-passed")).unwrap();
+    let running = spawn_child(
+        "child_bind_fallback",
+        "bind-fallback",
+        Fd3::Listener(&listener),
+        &[(
+            "WK_BIND_AT",
+            dir.path().join("bound.sock").to_str().unwrap(),
+        )],
+    );
+    running.finish().assert_ok("WK_CHILD_OK bind-fallback");
+}
+
 #[test]
 fn parent_other_pid_leaves_fds_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,6 +343,65 @@ fn child_serve() {
         write!(stream, "pong {req}").unwrap();
     });
     println!("WK_CHILD_OK serve");
+}
+
+#[test]
+fn child_tcp_or_bind() {
+    if !is_role("tcp-or-bind") {
+        return;
+    }
+    let env = own_env();
+    // SAFETY: nothing else in this process owns fd 3 (it was dup2'ed in by the parent).
+    let mut fds = unsafe { activation::take(&env) }.unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The service asks for its socket unit's name, and would bind port 0 without it.
+        let (listener, source) = fds
+            .tcp_listener_or_bind(Some("web"), "127.0.0.1:0")
+            .unwrap();
+        println!("listening: {source}");
+        assert_eq!(
+            source,
+            ListenerSource::Activated {
+                name: "web.socket".into()
+            }
+        );
+        assert_eq!(listener.as_raw_fd(), 3);
+        assert_eq!(
+            listener.local_addr().unwrap().to_string(),
+            std::env::var("WK_EXPECT_ADDR").unwrap()
+        );
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut req = String::new();
+        stream.read_to_string(&mut req).unwrap();
+        write!(stream, "pong {req}").unwrap();
+    });
+    println!("WK_CHILD_OK tcp-or-bind");
+}
+
+#[test]
+fn child_bind_fallback() {
+    if !is_role("bind-fallback") {
+        return;
+    }
+    let env = own_env();
+    // SAFETY: nothing else in this process owns fd 3; without LISTEN_FDS it is not taken.
+    let mut fds = unsafe { activation::take(&env) }.unwrap();
+    assert!(fds.is_empty());
+    let path = std::env::var("WK_BIND_AT").unwrap();
+    let (listener, source) = fds.std_unix_listener_or_bind(Some("ctl"), &path).unwrap();
+    assert_eq!(source, ListenerSource::Bound);
+    assert_ne!(listener.as_raw_fd(), 3, "took an fd that was not passed");
+    assert_eq!(fd3_flags().unwrap(), FdFlags::empty(), "fd 3 was touched");
+    drop(UnixStream::connect(&path).unwrap());
+    listener.accept().unwrap();
+    println!("WK_CHILD_OK bind-fallback");
 }
 
 #[test]
