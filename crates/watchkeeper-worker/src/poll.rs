@@ -128,6 +128,8 @@ pub(crate) struct PollLoop {
     daemon_error: Option<String>,
     /// When the daemon became unreachable, for the log line on reconnection.
     down_since: Option<Instant>,
+    /// Failed attempts in a row since then.
+    failures: u32,
     backoff: Duration,
     next_connect: Instant,
     next_poll: Instant,
@@ -154,6 +156,7 @@ impl PollLoop {
             ready: false,
             daemon_error: None,
             down_since: None,
+            failures: 0,
             backoff: Duration::from_millis(BACKOFF_INITIAL_MS),
             next_connect: now,
             next_poll: now,
@@ -353,7 +356,8 @@ impl PollLoop {
                         %version,
                         outage = ?since.elapsed(),
                         unreported = self.unreported.len(),
-                        "reconnected to the daemon"
+                        "reconnected to the daemon after {:?}",
+                        since.elapsed()
                     ),
                     None => {
                         tracing::info!(%version, socket = %socket.display(), "connected to the daemon")
@@ -370,7 +374,7 @@ impl PollLoop {
                     }
                 }
             }
-            Ok(Err(e)) => self.unreachable(e.to_string()),
+            Ok(Err(e)) => self.unreachable(crate::chain(&e)),
             Err(_) => self.unreachable(format!(
                 "{}: no answer to ping within {limit:?}",
                 socket.display()
@@ -379,13 +383,37 @@ impl PollLoop {
     }
 
     /// Records that the daemon cannot be reached and schedules the next attempt.
+    ///
+    /// The reason is in the message itself (the journal's usual view shows only the message).
+    /// The first failure is logged at info: a planned restart of the daemon is over within the
+    /// first backoff, and its reconnection too. Only a second failure in a row is a warning;
+    /// later ones are debug.
     fn unreachable(&mut self, reason: String) {
         let now = Instant::now();
-        if self.down_since.is_none() {
-            self.down_since = Some(now);
-            tracing::warn!(error = %reason, "daemon unreachable; reconnecting with backoff");
-        } else {
-            tracing::debug!(error = %reason, retry_in = ?self.backoff, "daemon still unreachable");
+        let retry_in = self.backoff;
+        match self.down_since {
+            None => {
+                self.down_since = Some(now);
+                self.failures = 1;
+                tracing::info!(
+                    error = %reason,
+                    "daemon unreachable: {reason}; reconnecting in {retry_in:?}"
+                );
+            }
+            Some(since) => {
+                self.failures += 1;
+                if self.failures == 2 {
+                    tracing::warn!(
+                        error = %reason,
+                        "daemon still unreachable after {:?}: {reason}; reconnecting with backoff \
+                         up to {:?}",
+                        since.elapsed(),
+                        self.settings.config.backoff_max()
+                    );
+                } else {
+                    tracing::debug!(error = %reason, ?retry_in, "daemon still unreachable: {reason}");
+                }
+            }
         }
         self.client = None;
         self.daemon_error = Some(reason);
@@ -408,7 +436,7 @@ impl PollLoop {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(ClientError::Refused { error, .. })) => Err(CallError::Refused(error)),
             Ok(Err(e)) => {
-                self.unreachable(e.to_string());
+                self.unreachable(crate::chain(&e));
                 Err(CallError::Lost)
             }
             Err(_) => {
