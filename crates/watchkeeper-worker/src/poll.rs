@@ -78,6 +78,8 @@ struct Counters {
     denied: u64,
     quarantined: u64,
     released: u64,
+    /// Killed because their lease was lost.
+    lost: u64,
 }
 
 /// The job in flight.
@@ -90,6 +92,9 @@ struct Running {
     next_renew: Instant,
     /// False once the daemon refused a renewal (the lease is gone).
     renewing: bool,
+    /// The daemon refused a renewal: the job was killed at once (the daemon may have handed it
+    /// to another worker already), and nothing is reported for it.
+    lease_lost: bool,
 }
 
 /// Set when `SIGTERM` (or another stop request) arrives.
@@ -529,13 +534,17 @@ impl PollLoop {
                 r.next_renew = Instant::now() + r.renew_every;
             }
             Err(CallError::Refused(error)) => {
+                // The lease is gone: the daemon may already have handed the job to another
+                // worker. Running on would run it twice at the same time.
                 tracing::warn!(
                     job = id,
                     %error,
-                    "the daemon refused to renew the lease; the job keeps running and its outcome \
-                     will be offered when it ends"
+                    "lease lost: the daemon refused to renew it ({error}); killing the job's \
+                     process group"
                 );
                 r.renewing = false;
+                r.lease_lost = true;
+                r.kill.cancel();
             }
             // Renewed after reconnecting: `next_renew` is still due.
             Err(CallError::Lost) => {}
@@ -611,7 +620,12 @@ impl PollLoop {
             "running job"
         );
         let kill = CancellationToken::new();
-        let task = tokio::spawn(job::run(spec, kill.clone()));
+        let ctx = job::JobContext {
+            id,
+            attempt: job.attempt,
+            worker,
+        };
+        let task = tokio::spawn(job::run(spec, ctx, kill.clone()));
         self.running = Some(Running {
             id,
             task,
@@ -619,6 +633,7 @@ impl PollLoop {
             renew_every,
             next_renew: Instant::now() + renew_every,
             renewing: true,
+            lease_lost: false,
         });
     }
 
@@ -629,6 +644,15 @@ impl PollLoop {
             tracing::error!(job = r.id, error = %e, "the job's task failed");
             JobEnd::NotStarted(format!("the job's task failed: {e}"))
         });
+        if r.lease_lost && end == JobEnd::Stopped {
+            self.counters.lost += 1;
+            tracing::warn!(
+                job = r.id,
+                "job killed after its lease was lost; not reported (the daemon queues it again)"
+            );
+            self.again = true;
+            return;
+        }
         let req = if end == JobEnd::Stopped {
             self.counters.released += 1;
             tracing::info!(
@@ -808,6 +832,7 @@ impl PollLoop {
             denied = self.counters.denied,
             quarantined = self.counters.quarantined,
             released = self.counters.released,
+            lease_lost = self.counters.lost,
             "poll loop finished"
         );
     }
