@@ -89,5 +89,6 @@ pub use lifecycle::{Lifecycle, LifecycleError, State};
 pub use notify::{Delivery, Notification, Notifier, NotifyError};
 pub use service::{
     Controller, ReloadError, Service, ServiceBuilder, ServiceError, ShutdownToken, StopReport,
+    TaskFailure, TaskOutput,
 };
-pub use watchdog::{Progress, Watchdog};
+pub use watchdog::{Idle, Progress, Verdict, Watchdog};
