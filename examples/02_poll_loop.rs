@@ -56,7 +56,8 @@ async fn main() -> anyhow::Result<()> {
     let service = Service::builder("poll-loop").env(env.clone()).build()?;
 
     let mut writer = args.heartbeat.map(HeartbeatWriter::open).transpose()?;
-    let mut heartbeat = Heartbeat::new("poll-loop", &env);
+    let mut heartbeat =
+        Heartbeat::new("poll-loop", &env).with_counters(["cycle_count", "jobs_completed"])?;
     let progress = service.register_loop("poll");
     let stop = service.shutdown_token();
     let lifecycle = service.lifecycle();
@@ -69,13 +70,14 @@ async fn main() -> anyhow::Result<()> {
                 () = stop.cancelled() => break,
                 _ = interval.tick() => {}
             }
-            if Some(heartbeat.cycle_count) == hang_after {
-                tracing::warn!(cycles = heartbeat.cycle_count, "simulating a hung loop");
+            let cycles = heartbeat.counter("cycle_count");
+            if Some(cycles) == hang_after {
+                tracing::warn!(cycles, "simulating a hung loop");
                 std::future::pending::<()>().await;
             }
-            // One unit of (simulated) work.
-            heartbeat.cycle_count += 1;
-            heartbeat.jobs_completed += 1;
+            // One unit of (simulated) work. The names were checked by with_counters().
+            let _ = heartbeat.add_counter("cycle_count", 1);
+            let _ = heartbeat.add_counter("jobs_completed", 1);
             heartbeat.health_status = HealthStatus::Ok;
             heartbeat.touch();
             if let Some(w) = writer.as_mut()
@@ -84,8 +86,9 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "heartbeat not written");
             }
             progress.tick();
-            if heartbeat.cycle_count % 10 == 0 {
-                let _ = lifecycle.status(&format!("polling; {} cycles", heartbeat.cycle_count));
+            let cycles = heartbeat.counter("cycle_count");
+            if cycles % 10 == 0 {
+                let _ = lifecycle.status(&format!("polling; {cycles} cycles"));
             }
         }
         heartbeat.health_status = HealthStatus::Stopping;
