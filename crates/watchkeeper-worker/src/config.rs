@@ -70,14 +70,18 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML, or has unknown keys or values of the wrong type.
-    #[error("config file {}: invalid TOML", path.display())]
+    /// The file is not valid TOML, or has unknown keys or values of the wrong type. The
+    /// message is one line (the parser's own spans several, with a drawing of the spot).
+    #[error("config file {}:{line}:{column}: invalid TOML: {message}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// What the parser found (with the line and column).
-        #[source]
-        source: toml::de::Error,
+        /// Where the parser stopped, from 1 (0 when it did not say).
+        line: usize,
+        /// The column in that line, in characters, from 1 (0 when the parser did not say).
+        column: usize,
+        /// What the parser found, on one line.
+        message: String,
     },
     /// A value is out of range.
     #[error("config file {}: {key} = {value}: {reason}", path.display())]
@@ -107,9 +111,16 @@ impl Config {
     /// Parses and checks `text`; `path` is only used in error messages.
     pub fn parse(text: &str, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map_or((0, 0), |span| line_column(text, span.start));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+            }
         })?;
         config.validate(path)?;
         Ok(config)
@@ -177,6 +188,15 @@ impl Config {
     }
 }
 
+/// The line and column (both from 1, the column in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,11 +261,21 @@ mod tests {
             "[x",
         ] {
             let e = Config::parse(text, "w.toml").unwrap_err();
-            assert!(matches!(e, ConfigError::Parse { .. }), "{text}: {e:?}");
-            assert_eq!(e.to_string(), "config file w.toml: invalid TOML");
-            let source = std::error::Error::source(&e).unwrap().to_string();
-            assert!(source.contains("line 1"), "{text}: {source}");
+            assert!(
+                matches!(e, ConfigError::Parse { line: 1, .. }),
+                "{text}: {e:?}"
+            );
+            let msg = crate::chain(&e);
+            assert!(msg.starts_with("config file w.toml:1:"), "{text}: {msg}");
+            assert!(msg.contains(": invalid TOML: "), "{text}: {msg}");
+            assert!(!msg.contains('\n'), "{text}: {msg}");
         }
+        let e = Config::parse("poll_interval_ms = 5\nbogus = 1\n", "w.toml").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config file w.toml:2:1: invalid TOML: unknown field `bogus`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,21 @@ use tokio_util::sync::CancellationToken;
 use watchkeeper::SystemdEnv;
 use watchkeeper_jobs::JobSpec;
 
+/// What a job is told about itself, in its environment: `WK_JOB_ID`, `WK_JOB_ATTEMPT` and
+/// `WK_WORKER`, so that it can make its effects idempotent (a job runs at least once, and may
+/// run again after a worker is lost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobContext {
+    pub(crate) id: u64,
+    pub(crate) attempt: u32,
+    pub(crate) worker: String,
+}
+
+/// The names of the variables a job gets from [`JobContext`].
+pub(crate) const ENV_JOB_ID: &str = "WK_JOB_ID";
+pub(crate) const ENV_JOB_ATTEMPT: &str = "WK_JOB_ATTEMPT";
+pub(crate) const ENV_WORKER: &str = "WK_WORKER";
+
 /// How a job's command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum JobEnd {
@@ -57,16 +72,19 @@ impl std::fmt::Display for JobEnd {
 }
 
 /// Runs `spec` to its end: `command[0]` with the rest as arguments (no shell), stdin from
-/// `/dev/null`, without the supervision variables (`NOTIFY_SOCKET`, `WATCHDOG_*`, …), in a
-/// process group of its own so that a timeout or a stop kills whatever it started, too.
-/// Cancelling `stop` kills it.
-pub(crate) async fn run(spec: JobSpec, stop: CancellationToken) -> JobEnd {
+/// `/dev/null`, without the supervision variables (`NOTIFY_SOCKET`, `WATCHDOG_*`, …) but with
+/// the [`JobContext`] ones, in a process group of its own so that a timeout or a stop kills
+/// whatever it started, too. Cancelling `stop` kills it.
+pub(crate) async fn run(spec: JobSpec, ctx: JobContext, stop: CancellationToken) -> JobEnd {
     let Some((program, args)) = spec.command.split_first() else {
         return JobEnd::NotStarted("empty command".into());
     };
     let mut cmd = Command::new(program);
     cmd.args(args);
     SystemdEnv::scrub(cmd.as_std_mut());
+    cmd.env(ENV_JOB_ID, ctx.id.to_string())
+        .env(ENV_JOB_ATTEMPT, ctx.attempt.to_string())
+        .env(ENV_WORKER, &ctx.worker);
     cmd.stdin(Stdio::null())
         .process_group(0)
         // If this task is dropped (the runtime shuts down), the command does not outlive it.
@@ -133,6 +151,32 @@ async fn kill_group(child: &mut Child) {
 mod tests {
     use super::*;
 
+    fn ctx() -> JobContext {
+        JobContext {
+            id: 42,
+            attempt: 3,
+            worker: "w1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_job_knows_its_id_attempt_and_worker() {
+        let end = run(
+            spec(
+                &[
+                    "sh",
+                    "-c",
+                    r#"test "$WK_JOB_ID:$WK_JOB_ATTEMPT:$WK_WORKER" = 42:3:w1 && exit 9"#,
+                ],
+                10,
+            ),
+            ctx(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(end, JobEnd::Exited(9));
+    }
+
     fn spec(cmd: &[&str], timeout_secs: u64) -> JobSpec {
         JobSpec {
             command: cmd.iter().map(|s| s.to_string()).collect(),
@@ -144,14 +188,19 @@ mod tests {
     async fn exit_codes_and_signals_are_reported() {
         let never = CancellationToken::new();
         assert_eq!(
-            run(spec(&["sh", "-c", "exit 3"], 10), never.clone()).await,
+            run(spec(&["sh", "-c", "exit 3"], 10), ctx(), never.clone()).await,
             JobEnd::Exited(3)
         );
         assert_eq!(
-            run(spec(&["sh", "-c", "kill -TERM $$"], 10), never.clone()).await,
+            run(
+                spec(&["sh", "-c", "kill -TERM $$"], 10),
+                ctx(),
+                never.clone()
+            )
+            .await,
             JobEnd::Signaled(15)
         );
-        let end = run(spec(&["/nonexistent/program"], 10), never).await;
+        let end = run(spec(&["/nonexistent/program"], 10), ctx(), never).await;
         assert!(
             matches!(&end, JobEnd::NotStarted(why) if why.contains("/nonexistent/program")),
             "{end:?}"
@@ -167,6 +216,7 @@ mod tests {
                 &["sh", "-c", "test \"$0\" = '$HOME' && exit 7", "$HOME"],
                 10,
             ),
+            ctx(),
             CancellationToken::new(),
         )
         .await;
@@ -179,7 +229,7 @@ mod tests {
         let pidfile = dir.path().join("pid");
         let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(spec(&["sh", "-c", &script], 60), stop.clone()));
+        let task = tokio::spawn(run(spec(&["sh", "-c", &script], 60), ctx(), stop.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let pid: i32 = loop {
             if let Ok(s) = std::fs::read_to_string(&pidfile)

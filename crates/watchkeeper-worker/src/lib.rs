@@ -44,6 +44,10 @@ pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// in `RestartPreventExitStatus=`.
 pub const EXIT_CONFIG: u8 = 78;
 
+/// Longest socket path a Unix socket address holds: `sun_path` is 108 bytes, the last one the
+/// terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Command-line options; each can also be given in a `WATCHKEEPER_*` environment variable.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
 #[command(
@@ -122,9 +126,43 @@ pub enum WorkerError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The daemon's socket path does not fit in a Unix socket address: no retry can help.
+    #[error(
+        "socket path {} is {len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH} bytes",
+        path.display()
+    )]
+    SocketPathTooLong {
+        /// The path given.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// The heartbeat file cannot be written.
     #[error(transparent)]
     Heartbeat(#[from] HeartbeatError),
+    /// The heartbeat's directory does not take new files (read-only, no permission): found at
+    /// start by creating and removing a probe file there.
+    #[error("heartbeat directory {} is not writable", dir.display())]
+    HeartbeatNotWritable {
+        /// The directory.
+        dir: PathBuf,
+        /// Why the probe file could not be created or removed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `NOTIFY_SOCKET` names a transport this worker cannot use (`vsock:`): it could never send
+    /// `READY=1`, and a `Type=notify` unit would only end in a start timeout.
+    #[error(
+        "NOTIFY_SOCKET={addr}: this address family is not supported; the service manager \
+         would wait for READY=1 until its start timeout"
+    )]
+    NotifyUnsupported {
+        /// The address.
+        addr: watchkeeper::env::NotifyAddr,
+    },
+    /// The service manager at `NOTIFY_SOCKET` could not be told the worker's status.
+    #[error("cannot notify the service manager")]
+    Notify(#[source] watchkeeper::LifecycleError),
     /// Logging could not be set up (e.g. a bad `RUST_LOG`).
     #[error(transparent)]
     Logging(#[from] LoggingError),
@@ -144,7 +182,10 @@ impl WorkerError {
         match self {
             WorkerError::Config(_)
             | WorkerError::InvalidName { .. }
+            | WorkerError::SocketPathTooLong { .. }
             | WorkerError::Heartbeat(_)
+            | WorkerError::HeartbeatNotWritable { .. }
+            | WorkerError::NotifyUnsupported { .. }
             | WorkerError::Logging(LoggingError::InvalidFilter { .. })
             | WorkerError::Service(ServiceError::Env(_)) => EXIT_CONFIG,
             _ => 1,
@@ -175,6 +216,12 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
         .clone()
         .map(HeartbeatWriter::open)
         .transpose()?;
+    if let Some(path) = &opts.heartbeat {
+        probe_heartbeat_dir(path)?;
+    }
+    if let Ok(Some(addr @ watchkeeper::env::NotifyAddr::Vsock { .. })) = env.notify_socket() {
+        return Err(WorkerError::NotifyUnsupported { addr });
+    }
 
     let service = Service::builder(SERVICE_NAME)
         .env(env.clone())
@@ -182,6 +229,15 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
         .build()?;
     settings.max_sleep = service.watchdog().timeout().map(|t| t / 4);
     log_start(&settings, opts.heartbeat.as_deref());
+    // The first message to the manager, at once: a NOTIFY_SOCKET nobody listens on is found now
+    // (and ends the worker, as it ends the daemon), not after the daemon first answers.
+    service
+        .lifecycle()
+        .status(&format!(
+            "starting: connecting to the daemon at {}",
+            settings.socket.display()
+        ))
+        .map_err(WorkerError::Notify)?;
 
     let supervision = poll::Supervision {
         lifecycle: service.lifecycle(),
@@ -200,7 +256,31 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
         .map_err(|e| WorkerError::PollLoop(e.to_string()))
 }
 
+/// Creates and removes a probe file beside the heartbeat, so that a directory the worker cannot
+/// write to stops it at start (exit 78) instead of failing every cycle.
+fn probe_heartbeat_dir(heartbeat: &std::path::Path) -> Result<(), WorkerError> {
+    let dir = match heartbeat.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".watchkeeper-worker-probe.{}", std::process::id()));
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe));
+    result.map_err(|source| WorkerError::HeartbeatNotWritable { dir, source })
+}
+
 fn settings(opts: &Options, config: Config) -> Result<poll::Settings, WorkerError> {
+    let len = opts.socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(WorkerError::SocketPathTooLong {
+            path: opts.socket.clone(),
+            len,
+        });
+    }
     let name = match &opts.name {
         Some(name) => {
             let invalid = |reason| WorkerError::InvalidName {
@@ -266,16 +346,21 @@ fn log_start(s: &poll::Settings, heartbeat: Option<&std::path::Path>) {
     }
 }
 
-/// An error and its sources, joined with `": "`, for log lines.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line, joined with `": "`, for log lines and the exit
+/// message: a source whose text the message already ends with (many errors repeat their cause)
+/// is said once, and line breaks inside messages become spaces.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let next = s.to_string();
+        if !next.is_empty() && !text.ends_with(&next) && !text.contains(&format!("{next}: ")) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = s.source();
     }
-    text
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -325,12 +410,31 @@ mod tests {
     }
 
     #[test]
-    fn chain_joins_sources() {
+    fn chain_is_one_line_and_says_each_cause_once() {
         let e = Config::parse("x = [", "w.toml").unwrap_err();
         let text = chain(&e);
+        assert!(text.starts_with("config file w.toml:1:"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        // An error that repeats its source in its own message.
+        let e = watchkeeper_jobs::ClientError::Connect {
+            path: "/nonexistent/daemon.sock".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let text = chain(&e);
+        assert_eq!(text.matches("not found").count(), 1, "{text}");
         assert!(
-            text.starts_with("config file w.toml: invalid TOML: "),
+            text.starts_with("cannot connect to /nonexistent/daemon.sock: "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_socket_path_longer_than_a_unix_address_is_a_configuration_error() {
+        let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH));
+        let e = settings(&parse(&["--socket", &long]).unwrap(), Config::default()).unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_CONFIG);
+        assert!(e.to_string().contains("108 bytes long"), "{e}");
+        let fits = format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1));
+        assert!(settings(&parse(&["--socket", &fits]).unwrap(), Config::default()).is_ok());
     }
 }

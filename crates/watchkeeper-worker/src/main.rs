@@ -17,7 +17,8 @@ fn main() -> ExitCode {
         Ok(opts) => match serve(opts) {
             Ok(()) => 0,
             Err((code, error)) => {
-                eprintln!("watchkeeper-worker: {error:#}");
+                let line = watchkeeper_worker::chain(error.as_ref());
+                eprintln!("watchkeeper-worker: {line}");
                 code
             }
         },

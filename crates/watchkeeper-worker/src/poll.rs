@@ -78,6 +78,8 @@ struct Counters {
     denied: u64,
     quarantined: u64,
     released: u64,
+    /// Killed because their lease was lost.
+    lost: u64,
 }
 
 /// The job in flight.
@@ -90,6 +92,9 @@ struct Running {
     next_renew: Instant,
     /// False once the daemon refused a renewal (the lease is gone).
     renewing: bool,
+    /// The daemon refused a renewal: the job was killed at once (the daemon may have handed it
+    /// to another worker already), and nothing is reported for it.
+    lease_lost: bool,
 }
 
 /// Set when `SIGTERM` (or another stop request) arrives.
@@ -128,6 +133,8 @@ pub(crate) struct PollLoop {
     daemon_error: Option<String>,
     /// When the daemon became unreachable, for the log line on reconnection.
     down_since: Option<Instant>,
+    /// Failed attempts in a row since then.
+    failures: u32,
     backoff: Duration,
     next_connect: Instant,
     next_poll: Instant,
@@ -153,6 +160,7 @@ impl PollLoop {
             ready: false,
             daemon_error: None,
             down_since: None,
+            failures: 0,
             backoff: Duration::from_millis(BACKOFF_INITIAL_MS),
             next_connect: now,
             next_poll: now,
@@ -356,7 +364,8 @@ impl PollLoop {
                         %version,
                         outage = ?since.elapsed(),
                         unreported = self.unreported.len(),
-                        "reconnected to the daemon"
+                        "reconnected to the daemon after {:?}",
+                        since.elapsed()
                     ),
                     None => {
                         tracing::info!(%version, socket = %socket.display(), "connected to the daemon")
@@ -373,7 +382,7 @@ impl PollLoop {
                     }
                 }
             }
-            Ok(Err(e)) => self.unreachable(e.to_string()),
+            Ok(Err(e)) => self.unreachable(crate::chain(&e)),
             Err(_) => self.unreachable(format!(
                 "{}: no answer to ping within {limit:?}",
                 socket.display()
@@ -382,13 +391,37 @@ impl PollLoop {
     }
 
     /// Records that the daemon cannot be reached and schedules the next attempt.
+    ///
+    /// The reason is in the message itself (the journal's usual view shows only the message).
+    /// The first failure is logged at info: a planned restart of the daemon is over within the
+    /// first backoff, and its reconnection too. Only a second failure in a row is a warning;
+    /// later ones are debug.
     fn unreachable(&mut self, reason: String) {
         let now = Instant::now();
-        if self.down_since.is_none() {
-            self.down_since = Some(now);
-            tracing::warn!(error = %reason, "daemon unreachable; reconnecting with backoff");
-        } else {
-            tracing::debug!(error = %reason, retry_in = ?self.backoff, "daemon still unreachable");
+        let retry_in = self.backoff;
+        match self.down_since {
+            None => {
+                self.down_since = Some(now);
+                self.failures = 1;
+                tracing::info!(
+                    error = %reason,
+                    "daemon unreachable: {reason}; reconnecting in {retry_in:?}"
+                );
+            }
+            Some(since) => {
+                self.failures += 1;
+                if self.failures == 2 {
+                    tracing::warn!(
+                        error = %reason,
+                        "daemon still unreachable after {:?}: {reason}; reconnecting with backoff \
+                         up to {:?}",
+                        since.elapsed(),
+                        self.settings.config.backoff_max()
+                    );
+                } else {
+                    tracing::debug!(error = %reason, ?retry_in, "daemon still unreachable: {reason}");
+                }
+            }
         }
         self.client = None;
         self.daemon_error = Some(reason);
@@ -411,7 +444,7 @@ impl PollLoop {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(ClientError::Refused { error, .. })) => Err(CallError::Refused(error)),
             Ok(Err(e)) => {
-                self.unreachable(e.to_string());
+                self.unreachable(crate::chain(&e));
                 Err(CallError::Lost)
             }
             Err(_) => {
@@ -504,13 +537,17 @@ impl PollLoop {
                 r.next_renew = Instant::now() + r.renew_every;
             }
             Err(CallError::Refused(error)) => {
+                // The lease is gone: the daemon may already have handed the job to another
+                // worker. Running on would run it twice at the same time.
                 tracing::warn!(
                     job = id,
                     %error,
-                    "the daemon refused to renew the lease; the job keeps running and its outcome \
-                     will be offered when it ends"
+                    "lease lost: the daemon refused to renew it ({error}); killing the job's \
+                     process group"
                 );
                 r.renewing = false;
+                r.lease_lost = true;
+                r.kill.cancel();
             }
             // Renewed after reconnecting: `next_renew` is still due.
             Err(CallError::Lost) => {}
@@ -586,7 +623,12 @@ impl PollLoop {
             "running job"
         );
         let kill = CancellationToken::new();
-        let task = tokio::spawn(job::run(spec, kill.clone()));
+        let ctx = job::JobContext {
+            id,
+            attempt: job.attempt,
+            worker,
+        };
+        let task = tokio::spawn(job::run(spec, ctx, kill.clone()));
         self.running = Some(Running {
             id,
             task,
@@ -594,6 +636,7 @@ impl PollLoop {
             renew_every,
             next_renew: Instant::now() + renew_every,
             renewing: true,
+            lease_lost: false,
         });
     }
 
@@ -604,6 +647,15 @@ impl PollLoop {
             tracing::error!(job = r.id, error = %e, "the job's task failed");
             JobEnd::NotStarted(format!("the job's task failed: {e}"))
         });
+        if r.lease_lost && end == JobEnd::Stopped {
+            self.counters.lost += 1;
+            tracing::warn!(
+                job = r.id,
+                "job killed after its lease was lost; not reported (the daemon queues it again)"
+            );
+            self.again = true;
+            return;
+        }
         let req = if end == JobEnd::Stopped {
             self.counters.released += 1;
             tracing::info!(
@@ -758,6 +810,7 @@ impl PollLoop {
             denied = self.counters.denied,
             quarantined = self.counters.quarantined,
             released = self.counters.released,
+            lease_lost = self.counters.lost,
             "poll loop finished"
         );
     }

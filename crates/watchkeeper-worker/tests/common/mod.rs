@@ -32,6 +32,8 @@ struct BrokerState {
     refuse_complete: HashSet<u64>,
     /// `complete` for these ids is recorded once, then the connection is closed unanswered.
     hang_up_on_complete: HashSet<u64>,
+    /// `renew` and `complete` for these ids are refused ("lease lost").
+    lease_lost: HashSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +67,13 @@ impl BrokerShared {
             Request::Complete { id, .. } if state.refuse_complete.remove(&id) => Response::Error {
                 error: format!("job {id} is not leased to you (lease expired)"),
             },
+            Request::Renew { id, .. } | Request::Complete { id, .. }
+                if state.lease_lost.contains(&id) =>
+            {
+                Response::Error {
+                    error: format!("job {id} is not leased to you"),
+                }
+            }
             Request::Renew { .. }
             | Request::Complete { .. }
             | Request::Deny { .. }
@@ -172,6 +181,11 @@ impl Broker {
     /// The next `complete` of job `id` is refused.
     pub fn refuse_complete_once(&self, id: u64) {
         self.shared.lock().refuse_complete.insert(id);
+    }
+
+    /// From now on, `renew` and `complete` of job `id` are refused: its lease is lost.
+    pub fn lose_lease(&self, id: u64) {
+        self.shared.lock().lease_lost.insert(id);
     }
 
     /// The next `complete` of job `id` is received, but the connection closes before the answer.
