@@ -69,7 +69,7 @@ pub struct Options {
     #[arg(long, env = "WATCHKEEPER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Write the heartbeat file here each poll cycle.
+    /// Write the heartbeat file here: the latest poll cycle's, at most once a second.
     #[arg(long, env = "WATCHKEEPER_HEARTBEAT", value_name = "PATH")]
     pub heartbeat: Option<PathBuf>,
 
