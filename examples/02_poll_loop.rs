@@ -69,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
     let service = Service::builder("poll-loop").env(env.clone()).build()?;
 
     let mut writer = args.heartbeat.map(HeartbeatWriter::open).transpose()?;
-    let mut heartbeat = Heartbeat::new("poll-loop", &env);
+    let mut heartbeat =
+        Heartbeat::new("poll-loop", &env).with_counters(["cycle_count", "jobs_completed"])?;
     let progress = service.register_loop("poll");
     let stop = service.shutdown_token();
     let lifecycle = service.lifecycle();
@@ -94,13 +95,14 @@ async fn main() -> anyhow::Result<()> {
                 () = stop.cancelled() => break,
                 _ = interval.tick() => {}
             }
-            if Some(heartbeat.cycle_count) == hang_after {
-                tracing::warn!(cycles = heartbeat.cycle_count, "simulating a hung loop");
+            let so_far = heartbeat.counter("cycle_count");
+            if Some(so_far) == hang_after {
+                tracing::warn!(cycles = so_far, "simulating a hung loop");
                 std::future::pending::<()>().await;
             }
-            // One unit of (simulated) work.
-            heartbeat.cycle_count += 1;
-            heartbeat.jobs_completed += 1;
+            // One unit of (simulated) work. The names were checked by with_counters().
+            let _ = heartbeat.add_counter("cycle_count", 1);
+            let _ = heartbeat.add_counter("jobs_completed", 1);
             heartbeat.health_status = HealthStatus::Ok;
             heartbeat.touch();
             if let Some(w) = writer.as_mut()
@@ -109,13 +111,14 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "heartbeat not written");
             }
             progress.tick();
-            if Some(heartbeat.cycle_count) == cycles {
-                tracing::info!(cycles = heartbeat.cycle_count, "done; stopping");
+            let done = heartbeat.counter("cycle_count");
+            if Some(done) == cycles {
+                tracing::info!(cycles = done, "done; stopping");
                 controller.request_shutdown().await;
                 break;
             }
-            if heartbeat.cycle_count % 10 == 0 {
-                let _ = lifecycle.status(&format!("polling; {} cycles", heartbeat.cycle_count));
+            if done % 10 == 0 {
+                let _ = lifecycle.status(&format!("polling; {done} cycles"));
             }
         }
         heartbeat.health_status = HealthStatus::Stopping;

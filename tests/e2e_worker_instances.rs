@@ -40,18 +40,18 @@ fn two_template_instances_keep_their_own_heartbeats() -> Result<()> {
         let first = wk.poll(&format!("{file} from pid {pid}"), unit, DEADLINE, || {
             Ok(wk
                 .heartbeat(&file)?
-                .filter(|h| h.pid == pid && h.cycle_count > 0))
+                .filter(|h| h.pid == pid && h.counter("cycle_count") > 0))
         })?;
         let later = wk.poll(&format!("{file} advancing"), unit, DEADLINE, || {
             Ok(wk
                 .heartbeat(&file)?
-                .filter(|h| h.cycle_count > first.cycle_count))
+                .filter(|h| h.counter("cycle_count") > first.counter("cycle_count")))
         })?;
         eprintln!(
             "{unit}: MainPID {pid}, {}: cycle_count {} -> {}, health {}, extra {:?}",
             wk.worker_state_dir().join(&file).display(),
-            first.cycle_count,
-            later.cycle_count,
+            first.counter("cycle_count"),
+            later.counter("cycle_count"),
             later.health_status,
             later.extra
         );
@@ -113,7 +113,7 @@ fn two_template_instances_keep_their_own_heartbeats() -> Result<()> {
     wk.poll("beta keeps cycling", &units[1], DEADLINE, || {
         Ok(wk
             .heartbeat("heartbeat-beta.json")?
-            .filter(|h| h.cycle_count > beta.cycle_count))
+            .filter(|h| h.counter("cycle_count") > beta.counter("cycle_count")))
     })?;
     let alpha = wk
         .heartbeat("heartbeat-alpha.json")?

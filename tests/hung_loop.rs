@@ -39,7 +39,7 @@ fn hung_loop_withholds_pings_and_freezes_the_heartbeat() {
         .unwrap();
     let before = check_heartbeat(&hb, DEFAULT_MAX_AGE).unwrap();
     let frozen = before.heartbeat.clone().unwrap();
-    assert_eq!(frozen.cycle_count, 5);
+    assert_eq!(frozen.counter("cycle_count"), 5);
     assert_eq!(frozen.pid, service.pid);
 
     // A whole watchdog timeout without a ping: systemd would fire now.

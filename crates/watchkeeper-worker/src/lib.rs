@@ -26,6 +26,7 @@ use watchkeeper::logging::{self, LogConfig, LoggingError};
 use watchkeeper::{Service, ServiceError, SystemdEnv};
 
 pub mod config;
+mod heartbeat;
 mod job;
 mod poll;
 
@@ -68,7 +69,7 @@ pub struct Options {
     #[arg(long, env = "WATCHKEEPER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Write the heartbeat file here each poll cycle.
+    /// Write the heartbeat file here: the latest poll cycle's, at most once a second.
     #[arg(long, env = "WATCHKEEPER_HEARTBEAT", value_name = "PATH")]
     pub heartbeat: Option<PathBuf>,
 
@@ -242,8 +243,11 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
         lifecycle: service.lifecycle(),
         progress: service.register_loop("poll"),
         stop: service.shutdown_token().into(),
-        heartbeat: Heartbeat::new(SERVICE_NAME, &env),
-        writer,
+        heartbeat: heartbeat::WorkerHeartbeat::new(
+            Heartbeat::new(SERVICE_NAME, &env),
+            writer,
+            opts.drill_stale_heartbeat_after,
+        )?,
     };
     let poll_loop = service.spawn(poll::PollLoop::new(settings, supervision).run());
     service.run(watchkeeper::service::no_reload).await?;

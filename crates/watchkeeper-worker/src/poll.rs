@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use watchkeeper::heartbeat::{HealthStatus, Heartbeat, HeartbeatWriter};
+use watchkeeper::heartbeat::HealthStatus;
 use watchkeeper::{Lifecycle, Progress};
 use watchkeeper_jobs::{ClaimedJob, Client, ClientError, JobSpec, Request, Response};
 
 use crate::config::BACKOFF_INITIAL_MS;
+use crate::heartbeat::{self, WorkerHeartbeat};
 use crate::job::{self, JobEnd};
 
 /// How long one request to the daemon (or a connection and its ping) may take. The loop
@@ -65,8 +66,7 @@ pub(crate) struct Supervision {
     pub(crate) lifecycle: Lifecycle,
     pub(crate) progress: Progress,
     pub(crate) stop: CancellationToken,
-    pub(crate) heartbeat: Heartbeat,
-    pub(crate) writer: Option<HeartbeatWriter>,
+    pub(crate) heartbeat: WorkerHeartbeat,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -148,7 +148,6 @@ pub(crate) struct PollLoop {
     counters: Counters,
     stopping: Option<Stopping>,
     last_status: Option<String>,
-    stale_logged: bool,
 }
 
 impl PollLoop {
@@ -172,7 +171,6 @@ impl PollLoop {
             counters: Counters::default(),
             stopping: None,
             last_status: None,
-            stale_logged: false,
         }
     }
 
@@ -183,17 +181,22 @@ impl PollLoop {
         }
         loop {
             self.wait().await;
-            let cycles = self.sup.heartbeat.cycle_count;
+            let cycles = self.sup.heartbeat.cycles();
             if self.settings.drills.hang_after == Some(cycles) {
+                // As for the crash drill below: the heartbeat freezes at this cycle.
+                self.sup.heartbeat.flush().await;
                 tracing::warn!(cycles, "drill: the poll loop hangs now");
                 std::future::pending::<()>().await;
             }
             if self.settings.drills.crash_after == Some(cycles) {
+                // The heartbeat is written at most once a second: make it show the cycle the
+                // drill crashed at, as the drill promises.
+                self.sup.heartbeat.flush().await;
                 tracing::error!(cycles, "drill: crashing (abort)");
                 std::process::abort();
             }
             self.cycle().await;
-            self.sup.heartbeat.cycle_count += 1;
+            self.sup.heartbeat.next_cycle();
             self.sup.progress.tick();
             self.publish().await;
             if self.finished() {
@@ -751,61 +754,35 @@ impl PollLoop {
         self.last_status = Some(text);
     }
 
-    /// `STATUS=` (when it changed) and the heartbeat.
+    /// `STATUS=` (when it changed) and the heartbeat; `degraded` while the heartbeat cannot be
+    /// written.
     async fn publish(&mut self) {
-        self.set_status(self.status_text()).await;
-        let health = self.health();
+        let failing = self.sup.heartbeat.check().map(str::to_owned);
+        let mut text = self.status_text();
+        let mut health = self.health();
+        if let Some(error) = &failing
+            && self.stopping.is_none()
+        {
+            text = heartbeat::degraded_status(&text, error);
+            health = heartbeat::health(health, true);
+        }
+        self.set_status(text).await;
         self.write_heartbeat(health).await;
     }
 
     async fn write_heartbeat(&mut self, health: HealthStatus) {
         let c = self.counters;
-        let hb = &mut self.sup.heartbeat;
-        hb.jobs_completed = c.completed;
-        hb.jobs_denied = c.denied;
-        hb.jobs_quarantined = c.quarantined;
-        hb.health_status = health;
-        let extra = [
-            ("worker", serde_json::json!(self.settings.name)),
-            ("jobs_failed", c.failed.into()),
-            ("jobs_released", c.released.into()),
-            ("running_job", self.running.as_ref().map(|r| r.id).into()),
-            ("unreported", (self.unreported.len() as u64).into()),
-        ];
-        for (k, v) in extra {
-            hb.extra.insert(k.to_owned(), v);
-        }
-        hb.touch();
-        if let Some(after) = self.settings.drills.stale_heartbeat_after
-            && hb.cycle_count > after
-        {
-            if !self.stale_logged {
-                self.stale_logged = true;
-                tracing::warn!(
-                    cycles = after,
-                    "drill: no longer writing the heartbeat (the loop keeps running)"
-                );
-            }
-            return;
-        }
-        let Some(mut writer) = self.sup.writer.take() else {
-            return;
-        };
-        let hb = hb.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let result = writer.write(&hb);
-            (writer, result)
-        })
-        .await;
-        match written {
-            Ok((writer, result)) => {
-                self.sup.writer = Some(writer);
-                if let Err(e) = result {
-                    tracing::warn!(error = %crate::chain(&e), "heartbeat not written");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "heartbeat writer lost; no more heartbeats"),
-        }
+        self.sup.heartbeat.publish(heartbeat::Snapshot {
+            worker: &self.settings.name,
+            health,
+            completed: c.completed,
+            failed: c.failed,
+            denied: c.denied,
+            quarantined: c.quarantined,
+            released: c.released,
+            running_job: self.running.as_ref().map(|r| r.id),
+            unreported: self.unreported.len() as u64,
+        });
     }
 
     fn finished(&self) -> bool {
@@ -826,8 +803,9 @@ impl PollLoop {
         }
         self.set_status(format!("stopped; {}", self.counts())).await;
         self.write_heartbeat(HealthStatus::Stopping).await;
+        self.sup.heartbeat.flush().await;
         tracing::info!(
-            cycles = self.sup.heartbeat.cycle_count,
+            cycles = self.sup.heartbeat.cycles(),
             completed = self.counters.completed,
             denied = self.counters.denied,
             quarantined = self.counters.quarantined,
@@ -891,8 +869,12 @@ mod tests {
             lifecycle: service.lifecycle(),
             progress: service.register_loop("poll"),
             stop: CancellationToken::new(),
-            heartbeat: Heartbeat::new("test", &env),
-            writer: None,
+            heartbeat: WorkerHeartbeat::new(
+                watchkeeper::heartbeat::Heartbeat::new("test", &env),
+                None,
+                None,
+            )
+            .unwrap(),
         };
         (PollLoop::new(settings, sup), service)
     }

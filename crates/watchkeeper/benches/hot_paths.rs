@@ -155,10 +155,14 @@ fn sample_heartbeat() -> Heartbeat {
     let env = SystemdEnv::from_vars([("INVOCATION_ID", "6f1c0d2e9a8b4c7d8e9f0a1b2c3d4e5f")]);
     let mut hb = Heartbeat::new("ingest", &env);
     hb.health_status = HealthStatus::Ok;
-    hb.cycle_count = 311;
-    hb.jobs_completed = 1200;
-    hb.jobs_denied = 3;
-    hb.jobs_quarantined = 1;
+    for (name, value) in [
+        ("cycle_count", 311),
+        ("jobs_completed", 1200),
+        ("jobs_denied", 3),
+        ("jobs_quarantined", 1),
+    ] {
+        hb.set_counter(name, value).expect("a valid counter name");
+    }
     hb.extra.insert("queue_depth".into(), 17.into());
     hb
 }

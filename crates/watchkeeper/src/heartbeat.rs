@@ -1,9 +1,15 @@
 //! An atomic, versioned JSON heartbeat file.
 //!
 //! A service's work loop updates a [`Heartbeat`] each cycle and hands it to a
-//! [`HeartbeatWriter`]; an operator tool calls [`check_heartbeat`] (or [`read_heartbeat`] with an
-//! explicit clock) to tell a live service from a stale one, independently of systemd's own
-//! watchdog.
+//! [`CoalescingHeartbeat`] (a [`HeartbeatWriter`] on a background thread that writes the latest
+//! heartbeat at most once per interval, see [`HeartbeatWriter::spawn_coalescing`]) or writes it
+//! itself with [`HeartbeatWriter::write`]; an operator tool calls [`check_heartbeat`] (or
+//! [`read_heartbeat`] with an explicit clock) to tell a live service from a stale one,
+//! independently of systemd's own watchdog.
+//!
+//! A heartbeat is not tied to one kind of service: besides its identity and health it holds
+//! named counters ([`Heartbeat::set_counter`], [`Heartbeat::add_counter`]) and free-form
+//! `extra` fields.
 //!
 //! # File format
 //!
@@ -28,11 +34,25 @@
 //! ```
 //!
 //! Times are whole seconds since the Unix epoch. `invocation_id` (systemd's `INVOCATION_ID`) is
-//! left out when unknown and `extra` when empty. `health_status` is one of `starting`, `ok`,
-//! `degraded`, `stalled` or `stopping`; readers map any other value to
-//! [`HealthStatus::Unknown`]. Readers ignore fields they do not know and require only
-//! `format_version`, `service`, `pid` and `timestamp_unix`; the other fields default to 0, none,
-//! empty or `unknown`.
+//! left out when unknown and `extra` when empty. The counters (here `cycle_count` and the
+//! `jobs_*` of the reference worker) are top-level unsigned integers between `timestamp_unix`
+//! and `health_status`, in name order; a counter never set is left out. `health_status` is one
+//! of `starting`, `ok`, `degraded`, `stalled` or `stopping`; readers map any other value to
+//! [`HealthStatus::Unknown`]. Readers require only `format_version`, `service`, `pid` and
+//! `timestamp_unix`; the other known fields default to 0, none, empty or `unknown`, any other
+//! top-level unsigned integer is read as a counter and other unknown fields are ignored.
+//!
+//! A heartbeat is fresh when it is at most `max_age` old and stamped at most
+//! [`FUTURE_TOLERANCE`] (5 s) ahead of the reader's clock.
+//!
+//! # Changes from the fixed-field heartbeat
+//!
+//! The fields `cycle_count`, `jobs_completed`, `jobs_denied` and `jobs_quarantined` became
+//! named counters: `hb.cycle_count += 1` is now `hb.add_counter("cycle_count", 1)?` and
+//! `hb.jobs_denied` is `hb.counter("jobs_denied")`. The file is unchanged for a heartbeat that
+//! sets these counters. [`Heartbeat`] and [`HeartbeatStatus`] are `#[non_exhaustive]`: build a
+//! heartbeat with [`Heartbeat::new`]. [`HeartbeatStatus`] gained `ahead_secs`, and a heartbeat
+//! from the future is no longer fresh.
 //!
 //! # Atomicity
 //!
@@ -42,8 +62,8 @@
 //! directory. A reader therefore sees either the previous heartbeat or the new one, never a mix
 //! or a partial file, and after `write` returns the new heartbeat survives a crash or power loss.
 //! If a step before the rename fails the temporary file is removed and the previous heartbeat
-//! stays intact. `write` blocks on two `fsync`s: async loops call it through `spawn_blocking`
-//! or `block_in_place`.
+//! stays intact. `write` blocks on two `fsync`s: async loops use a [`CoalescingHeartbeat`],
+//! whose `update` never waits for the disk.
 //! One writer per heartbeat file: two writers would share the temporary file.
 //!
 //! # Versioning
@@ -69,7 +89,7 @@
 //! let mut writer = HeartbeatWriter::open(&path)?;
 //! let mut hb = Heartbeat::new("ingest", &SystemdEnv::from_env());
 //! hb.health_status = HealthStatus::Ok;
-//! hb.cycle_count += 1;
+//! hb.add_counter("cycle_count", 1)?;
 //! hb.touch();
 //! writer.write(&hb)?;
 //!
@@ -87,6 +107,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -95,6 +116,11 @@ use serde::{Deserialize, Serialize};
 
 /// The heartbeat format this library writes, and the newest one it reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// How far ahead of the reader's clock a heartbeat may be stamped and still count as fresh:
+/// room for clocks that differ a little and for whole-second rounding, not for a heartbeat from
+/// the future.
+pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(5);
 
 /// A sensible default for how old a heartbeat may be and still count as fresh.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(120);
@@ -152,8 +178,58 @@ fn unknown_health() -> HealthStatus {
     HealthStatus::Unknown
 }
 
+/// The top-level fields of the heartbeat document. A counter cannot take one of these names.
+pub const RESERVED_FIELDS: [&str; 8] = [
+    "format_version",
+    "service",
+    "pid",
+    "invocation_id",
+    "started_unix",
+    "timestamp_unix",
+    "health_status",
+    "extra",
+];
+
+/// The longest counter name, in bytes.
+pub const MAX_COUNTER_NAME: usize = 128;
+
+/// A counter name that cannot be used (see [`Heartbeat::set_counter`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("heartbeat counter name {name:?}: {reason}")]
+pub struct CounterNameError {
+    /// The name as given.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+fn check_counter_name(name: &str) -> Result<(), CounterNameError> {
+    let reason = if name.is_empty() {
+        "must not be empty"
+    } else if name.len() > MAX_COUNTER_NAME {
+        "longer than MAX_COUNTER_NAME bytes"
+    } else if RESERVED_FIELDS.contains(&name) {
+        "is a field of the heartbeat itself"
+    } else if name.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(CounterNameError {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
 /// One heartbeat: the document stored in the heartbeat file (see the [module docs](self)).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The identity and health fields are public; the named counters (work cycles, jobs done, …)
+/// are reached through [`counter`](Self::counter), [`set_counter`](Self::set_counter) and
+/// [`add_counter`](Self::add_counter), and are written as top-level integer fields. New
+/// optional fields may be added in minor releases (the struct is `#[non_exhaustive]`): build
+/// one with [`Heartbeat::new`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Heartbeat {
     /// The format of this document; [`FORMAT_VERSION`] when written by this library.
     pub format_version: u32,
@@ -162,36 +238,100 @@ pub struct Heartbeat {
     /// Process id of the writer.
     pub pid: u32,
     /// systemd's `INVOCATION_ID` of the writer's run, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invocation_id: Option<String>,
     /// When the writer started, in seconds since the Unix epoch.
-    #[serde(default)]
     pub started_unix: u64,
     /// When this heartbeat was taken, in seconds since the Unix epoch.
     pub timestamp_unix: u64,
-    /// Work-loop cycles completed.
-    #[serde(default)]
-    pub cycle_count: u64,
-    /// Jobs completed.
-    #[serde(default)]
-    pub jobs_completed: u64,
-    /// Jobs refused.
-    #[serde(default)]
-    pub jobs_denied: u64,
-    /// Jobs set aside for inspection.
-    #[serde(default)]
-    pub jobs_quarantined: u64,
     /// The service's own view of its health.
-    #[serde(default = "unknown_health")]
     pub health_status: HealthStatus,
-    /// Service-specific fields; left out of the file when empty.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Service-specific fields of any JSON type; left out of the file when empty.
     pub extra: BTreeMap<String, serde_json::Value>,
+    /// Named counters, written as top-level fields in name order.
+    counters: BTreeMap<String, u64>,
+}
+
+/// The document as written: the counters sit between `timestamp_unix` and `health_status`, so
+/// a heartbeat with the counters `cycle_count`, `jobs_completed`, `jobs_denied` and
+/// `jobs_quarantined` is written byte for byte as by the earlier fixed-field format.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    format_version: u32,
+    service: &'a str,
+    pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invocation_id: Option<&'a str>,
+    started_unix: u64,
+    timestamp_unix: u64,
+    #[serde(flatten)]
+    counters: &'a BTreeMap<String, u64>,
+    health_status: HealthStatus,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    extra: &'a BTreeMap<String, serde_json::Value>,
+}
+
+/// The document as read: every other top-level field that holds an unsigned integer is a
+/// counter; other unknown fields are ignored.
+#[derive(Deserialize)]
+struct WireIn {
+    format_version: u32,
+    service: String,
+    pid: u32,
+    #[serde(default)]
+    invocation_id: Option<String>,
+    #[serde(default)]
+    started_unix: u64,
+    timestamp_unix: u64,
+    #[serde(default = "unknown_health")]
+    health_status: HealthStatus,
+    #[serde(default)]
+    extra: BTreeMap<String, serde_json::Value>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+impl Serialize for Heartbeat {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireOut {
+            format_version: self.format_version,
+            service: &self.service,
+            pid: self.pid,
+            invocation_id: self.invocation_id.as_deref(),
+            started_unix: self.started_unix,
+            timestamp_unix: self.timestamp_unix,
+            counters: &self.counters,
+            health_status: self.health_status,
+            extra: &self.extra,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Heartbeat {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let w = WireIn::deserialize(deserializer)?;
+        let counters = w
+            .rest
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+            .collect();
+        Ok(Heartbeat {
+            format_version: w.format_version,
+            service: w.service,
+            pid: w.pid,
+            invocation_id: w.invocation_id,
+            started_unix: w.started_unix,
+            timestamp_unix: w.timestamp_unix,
+            health_status: w.health_status,
+            extra: w.extra,
+            counters,
+        })
+    }
 }
 
 impl Heartbeat {
     /// A first heartbeat for this process: version [`FORMAT_VERSION`], pid and invocation id
-    /// of the current process, started and taken now, counters at 0, health
+    /// of the current process, started and taken now, no counters, health
     /// [`HealthStatus::Starting`].
     pub fn new(service: impl Into<String>, env: &crate::env::SystemdEnv) -> Self {
         let now = unix_secs(SystemTime::now());
@@ -202,17 +342,73 @@ impl Heartbeat {
             invocation_id: env.invocation_id().map(str::to_owned),
             started_unix: now,
             timestamp_unix: now,
-            cycle_count: 0,
-            jobs_completed: 0,
-            jobs_denied: 0,
-            jobs_quarantined: 0,
             health_status: HealthStatus::Starting,
             extra: BTreeMap::new(),
+            counters: BTreeMap::new(),
         }
     }
 
+    /// Declares counters at 0, so that they are in the file from the first write on (a
+    /// counter that was never set is left out, and readers see it as missing).
+    ///
+    /// # Errors
+    ///
+    /// As for [`set_counter`](Self::set_counter).
+    pub fn with_counters<'a>(
+        mut self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, CounterNameError> {
+        for name in names {
+            self.set_counter(name, 0)?;
+        }
+        Ok(self)
+    }
+
+    /// The counter `name`, 0 when it was never set (or read from a file without it).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+
+    /// All counters, in name order.
+    pub fn counters(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.counters.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Sets the counter `name`, which becomes a top-level field of the file.
+    ///
+    /// # Errors
+    ///
+    /// The name is empty, longer than [`MAX_COUNTER_NAME`], holds a control character, or is
+    /// one of the [`RESERVED_FIELDS`]. The heartbeat is then unchanged.
+    pub fn set_counter(&mut self, name: &str, value: u64) -> Result<(), CounterNameError> {
+        match self.counters.get_mut(name) {
+            Some(v) => *v = value,
+            None => {
+                check_counter_name(name)?;
+                self.counters.insert(name.to_owned(), value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `n` to the counter `name` (saturating at `u64::MAX`) and returns the new value.
+    ///
+    /// # Errors
+    ///
+    /// As for [`set_counter`](Self::set_counter).
+    pub fn add_counter(&mut self, name: &str, n: u64) -> Result<u64, CounterNameError> {
+        let value = self.counter(name).saturating_add(n);
+        self.set_counter(name, value)?;
+        Ok(value)
+    }
+
+    /// Removes the counter `name` from the heartbeat; returns its value, if it had one.
+    pub fn remove_counter(&mut self, name: &str) -> Option<u64> {
+        self.counters.remove(name)
+    }
+
     /// Sets [`timestamp_unix`](Self::timestamp_unix) to now. Call it before each
-    /// [`HeartbeatWriter::write`].
+    /// [`HeartbeatWriter::write`] or [`CoalescingHeartbeat::update`].
     pub fn touch(&mut self) {
         self.timestamp_unix = unix_secs(SystemTime::now());
     }
@@ -297,6 +493,12 @@ pub enum HeartbeatError {
         #[source]
         source: serde_json::Error,
     },
+    /// The background thread of a [`CoalescingHeartbeat`] has ended.
+    #[error("heartbeat file {}: the writer thread has ended", path.display())]
+    WriterStopped {
+        /// The heartbeat file.
+        path: PathBuf,
+    },
     /// The heartbeat could not be encoded as JSON.
     #[error("heartbeat file {}: cannot encode heartbeat", path.display())]
     Encode {
@@ -320,6 +522,7 @@ impl HeartbeatError {
             | HeartbeatError::TooLarge { path, .. }
             | HeartbeatError::Truncated { path }
             | HeartbeatError::Corrupt { path, .. }
+            | HeartbeatError::WriterStopped { path }
             | HeartbeatError::Encode { path, .. } => path,
         }
     }
@@ -426,7 +629,7 @@ impl HeartbeatWriter {
     /// comes after the rename: the new heartbeat is in place but may not survive a power loss.
     ///
     /// Two `fsync`s make this a blocking call of a few hundred µs to milliseconds: from async
-    /// code, call it through `tokio::task::spawn_blocking` or `block_in_place`.
+    /// code, use [`HeartbeatWriter::spawn_coalescing`] instead.
     pub fn write(&mut self, hb: &Heartbeat) -> Result<(), HeartbeatError> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, hb).map_err(|source| HeartbeatError::Encode {
@@ -528,15 +731,333 @@ impl HeartbeatWriter {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The coalescing writer
+
+/// How long dropping a [`CoalescingHeartbeat`] waits for its last write.
+const DROP_WAIT: Duration = Duration::from_secs(5);
+
+impl HeartbeatWriter {
+    /// Moves the writer to a background thread that writes the latest heartbeat handed to
+    /// [`CoalescingHeartbeat::update`] at most once per `min_interval`, and at once on
+    /// [`flush`](CoalescingHeartbeat::flush), [`close`](CoalescingHeartbeat::close) or drop.
+    ///
+    /// A hot loop hands over every cycle's heartbeat; only the newest one is kept, and the
+    /// atomic, durable write of [`HeartbeatWriter::write`] (two `fsync`s) happens off the
+    /// loop. The background is a thread, not a tokio task, because the write blocks anyway
+    /// and because the last heartbeat must reach the disk when the handle is dropped at the
+    /// end of `main`, when a runtime may no longer poll its tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`HeartbeatError::Io`] if the thread cannot be started.
+    pub fn spawn_coalescing(
+        self,
+        min_interval: Duration,
+    ) -> Result<CoalescingHeartbeat, HeartbeatError> {
+        let path = self.path.clone();
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = tokio::sync::watch::channel(WriterStatus::default());
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("wk-heartbeat".into())
+                .spawn(move || write_loop(self, &shared, &tx, min_interval))
+                .map_err(io_err(&path, "start the heartbeat writer thread"))?
+        };
+        Ok(CoalescingHeartbeat {
+            shared,
+            status: rx,
+            thread: Some(thread),
+            path,
+        })
+    }
+}
+
+/// What the writer thread has done so far (see [`CoalescingHeartbeat::status`]).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct WriterStatus {
+    /// Heartbeats written successfully.
+    pub writes: u64,
+    /// Writes that failed.
+    pub failures: u64,
+    /// The error of the latest write, `None` when it succeeded (or none was tried yet). A
+    /// failed heartbeat is retried every `min_interval` until it or a newer one is written.
+    pub last_error: Option<Arc<HeartbeatError>>,
+    /// The newest flush request served.
+    flushed: u64,
+    /// The thread has ended.
+    stopped: bool,
+}
+
+impl WriterStatus {
+    /// Whether the latest write failed.
+    pub fn is_failing(&self) -> bool {
+        self.last_error.is_some()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer thread.
+    wake: Condvar,
+    /// Signals the end of the writer thread (`State::finished`).
+    done: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; if it ever did, the state is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The newest heartbeat not yet written.
+    pending: Option<Heartbeat>,
+    /// The thread waits for work, so an update must wake it. False while it waits out
+    /// `min_interval`: updates then only replace `pending`.
+    idle: bool,
+    /// Incremented by each flush request.
+    flush_requested: u64,
+    /// Write what is pending, then end.
+    closed: bool,
+    /// The thread has ended.
+    finished: bool,
+}
+
+fn write_loop(
+    mut writer: HeartbeatWriter,
+    shared: &Shared,
+    status: &tokio::sync::watch::Sender<WriterStatus>,
+    min_interval: Duration,
+) {
+    let mut last_write: Option<std::time::Instant> = None;
+    let mut flushed = 0;
+    loop {
+        let mut st = shared.lock();
+        while st.pending.is_none() && !st.closed && st.flush_requested == flushed {
+            st.idle = true;
+            st = shared.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.idle = false;
+        // At most one write per min_interval, unless a flush or the close wants it now.
+        if let Some(due) = last_write.and_then(|t| t.checked_add(min_interval)) {
+            loop {
+                let now = std::time::Instant::now();
+                if st.closed || st.flush_requested != flushed || now >= due {
+                    break;
+                }
+                st = shared
+                    .wake
+                    .wait_timeout(st, due - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        let hb = st.pending.take();
+        let flush_to = st.flush_requested;
+        let closing = st.closed;
+        drop(st);
+
+        if let Some(hb) = hb {
+            let result = writer.write(&hb);
+            last_write = Some(std::time::Instant::now());
+            match result {
+                Ok(()) => status.send_modify(|s| {
+                    s.writes += 1;
+                    s.last_error = None;
+                }),
+                Err(e) => {
+                    status.send_modify(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(Arc::new(e));
+                    });
+                    if !closing {
+                        // Retried after min_interval, unless a newer heartbeat came meanwhile.
+                        shared.lock().pending.get_or_insert(hb);
+                    }
+                }
+            }
+        }
+        flushed = flush_to;
+        status.send_modify(|s| {
+            s.flushed = flushed;
+            s.stopped = closing;
+        });
+        if closing {
+            shared.lock().finished = true;
+            shared.done.notify_all();
+            return;
+        }
+    }
+}
+
+/// A handle to a [`HeartbeatWriter`] running on a background thread (see
+/// [`HeartbeatWriter::spawn_coalescing`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use watchkeeper::SystemdEnv;
+/// use watchkeeper::heartbeat::{Heartbeat, HeartbeatWriter, HealthStatus, check_heartbeat};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("heartbeat.json");
+/// let heartbeats = HeartbeatWriter::open(&path)?.spawn_coalescing(Duration::from_secs(1))?;
+/// let mut hb = Heartbeat::new("ingest", &SystemdEnv::from_env()).with_counters(["cycle_count"])?;
+/// hb.health_status = HealthStatus::Ok;
+/// for _ in 0..10_000 {
+///     // ... one cycle of work ...
+///     hb.add_counter("cycle_count", 1)?;
+///     hb.touch();
+///     heartbeats.update(&hb); // never waits for the disk
+/// }
+/// heartbeats.close().await?; // the last heartbeat is on disk
+/// let hb = check_heartbeat(&path, Duration::from_secs(60))?.heartbeat.unwrap();
+/// assert_eq!(hb.counter("cycle_count"), 10_000);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct CoalescingHeartbeat {
+    shared: Arc<Shared>,
+    status: tokio::sync::watch::Receiver<WriterStatus>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl CoalescingHeartbeat {
+    /// Hands over the newest heartbeat. Never waits for the disk: it copies `hb` under a lock
+    /// that the writer thread holds only to take the pending heartbeat out, and wakes the
+    /// thread only when it is idle. A heartbeat not yet written is replaced (latest wins).
+    pub fn update(&self, hb: &Heartbeat) {
+        let mut st = self.shared.lock();
+        match &mut st.pending {
+            Some(pending) => pending.clone_from(hb),
+            None => st.pending = Some(hb.clone()),
+        }
+        let wake = std::mem::replace(&mut st.idle, false);
+        drop(st);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Writes the newest heartbeat now, without waiting out `min_interval`, and returns the
+    /// outcome of the latest write (`Ok` if nothing was pending and the previous write
+    /// succeeded).
+    ///
+    /// # Errors
+    ///
+    /// The error of the latest write, or [`HeartbeatError::WriterStopped`] if the writer
+    /// thread has ended.
+    pub async fn flush(&self) -> Result<(), Arc<HeartbeatError>> {
+        let target = {
+            let mut st = self.shared.lock();
+            st.flush_requested += 1;
+            st.flush_requested
+        };
+        self.shared.wake.notify_one();
+        self.wait_status(|s| s.flushed >= target || s.stopped).await
+    }
+
+    /// Writes the newest heartbeat, then ends the writer thread.
+    ///
+    /// # Errors
+    ///
+    /// As for [`flush`](Self::flush).
+    pub async fn close(mut self) -> Result<(), Arc<HeartbeatError>> {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        let result = self.wait_status(|s| s.stopped).await;
+        if let Some(thread) = self.thread.take() {
+            // The thread has sent its last status and returns at once.
+            let _ = thread.join();
+        }
+        result
+    }
+
+    /// What the writer thread has done so far: writes, failures and the latest error.
+    pub fn status(&self) -> WriterStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every change of [`status`](Self::status), e.g. to react to a
+    /// failing write as soon as it happens.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<WriterStatus> {
+        self.status.clone()
+    }
+
+    /// The heartbeat file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn wait_status(
+        &self,
+        done: impl FnMut(&WriterStatus) -> bool,
+    ) -> Result<(), Arc<HeartbeatError>> {
+        let mut rx = self.status.clone();
+        match rx.wait_for(done).await {
+            Ok(s) => s.last_error.clone().map_or(Ok(()), Err),
+            Err(_) => Err(Arc::new(HeartbeatError::WriterStopped {
+                path: self.path.clone(),
+            })),
+        }
+    }
+}
+
+impl Drop for CoalescingHeartbeat {
+    /// Writes the newest heartbeat and ends the thread, waiting up to 5 s for it (the write
+    /// blocks this thread for that long at most; past it the thread finishes on its own).
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let mut st = self.shared.lock();
+        st.closed = true;
+        self.shared.wake.notify_one();
+        let deadline = std::time::Instant::now() + DROP_WAIT;
+        while !st.finished {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "the last heartbeat was not written within {DROP_WAIT:?}; not waiting longer"
+                );
+                return;
+            }
+            st = self
+                .shared
+                .done
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(st);
+        let _ = thread.join();
+    }
+}
+
 /// What a reader found at a heartbeat path.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HeartbeatStatus {
     /// Whether the file exists.
     pub found: bool,
-    /// Whether the heartbeat is no older than the maximum age; `false` when not found.
+    /// Whether the heartbeat is no older than the maximum age and stamped no later than
+    /// [`FUTURE_TOLERANCE`] ahead of the reader's clock; `false` when not found.
     pub fresh: bool,
     /// Age of the heartbeat in whole seconds; 0 for a timestamp in the future (clock skew).
     pub age_secs: Option<u64>,
+    /// How far in the future the heartbeat is stamped, in whole seconds, when it is (a writer
+    /// with a clock ahead of the reader's, or a forged file); `None` otherwise.
+    pub ahead_secs: Option<u64>,
     /// Process id of the writer.
     pub pid: Option<u32>,
     /// The heartbeat itself.
@@ -547,7 +1068,9 @@ pub struct HeartbeatStatus {
 ///
 /// A missing file is not an error: it gives `found == false`. A heartbeat is fresh when its age
 /// (`now - timestamp_unix`, in whole seconds, 0 if the timestamp is in the future) is at most
-/// `max_age`. Files that are not regular files, larger than [`MAX_FILE_SIZE`], truncated,
+/// `max_age`, and its timestamp is at most [`FUTURE_TOLERANCE`] ahead of `now`: a heartbeat
+/// stamped further ahead says nothing about the writer being alive now (a clock that jumped
+/// back, a file copied in), so it is not fresh. Files that are not regular files, larger than [`MAX_FILE_SIZE`], truncated,
 /// corrupt, or of a newer format are errors (see [`HeartbeatError`]).
 pub fn read_heartbeat(
     path: &Path,
@@ -566,6 +1089,7 @@ pub fn read_heartbeat(
                 found: false,
                 fresh: false,
                 age_secs: None,
+                ahead_secs: None,
                 pid: None,
                 heartbeat: None,
             });
@@ -580,11 +1104,15 @@ pub fn read_heartbeat(
     }
     let bytes = read_bounded(file, path)?;
     let hb = parse(&bytes, path)?;
-    let age = unix_secs(now).saturating_sub(hb.timestamp_unix);
+    let now = unix_secs(now);
+    let age = now.saturating_sub(hb.timestamp_unix);
+    let ahead = hb.timestamp_unix.saturating_sub(now);
     Ok(HeartbeatStatus {
         found: true,
-        fresh: Duration::from_secs(age) <= max_age,
+        fresh: Duration::from_secs(age) <= max_age
+            && Duration::from_secs(ahead) <= FUTURE_TOLERANCE,
         age_secs: Some(age),
+        ahead_secs: (ahead > 0).then_some(ahead),
         pid: Some(hb.pid),
         heartbeat: Some(hb),
     })
@@ -666,10 +1194,10 @@ mod tests {
         let mut hb = Heartbeat::new("svc", &env);
         hb.timestamp_unix = T0;
         hb.started_unix = T0 - 10;
-        hb.cycle_count = 7;
-        hb.jobs_completed = 5;
-        hb.jobs_denied = 1;
-        hb.jobs_quarantined = 2;
+        hb.set_counter("cycle_count", 7).unwrap();
+        hb.set_counter("jobs_completed", 5).unwrap();
+        hb.set_counter("jobs_denied", 1).unwrap();
+        hb.set_counter("jobs_quarantined", 2).unwrap();
         hb.health_status = HealthStatus::Degraded;
         hb.extra
             .insert("queue".into(), serde_json::json!({"depth": 3}));
@@ -717,6 +1245,88 @@ mod tests {
     }
 
     #[test]
+    fn counters_are_written_as_the_fixed_fields_were() {
+        // The bytes the earlier fixed-field format wrote for this heartbeat.
+        let want = format!(
+            concat!(
+                r#"{{"format_version":1,"service":"svc","pid":{},"#,
+                r#""invocation_id":"0123456789abcdef0123456789abcdef","#,
+                r#""started_unix":{},"timestamp_unix":{},"cycle_count":7,"jobs_completed":5,"#,
+                r#""jobs_denied":1,"jobs_quarantined":2,"health_status":"degraded","#,
+                r#""extra":{{"queue":{{"depth":3}}}}}}"#,
+                "\n"
+            ),
+            std::process::id(),
+            T0 - 10,
+            T0
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hb.json");
+        HeartbeatWriter::open(&path)
+            .unwrap()
+            .write(&sample())
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
+        assert_eq!(read_at(&path, T0).unwrap().heartbeat, Some(sample()));
+    }
+
+    #[test]
+    fn counter_accessors() {
+        let mut hb = Heartbeat::new("svc", &SystemdEnv::default());
+        assert_eq!(hb.counter("cycle_count"), 0);
+        assert_eq!(hb.counters().count(), 0);
+        assert_eq!(hb.add_counter("cycle_count", 2).unwrap(), 2);
+        assert_eq!(hb.add_counter("cycle_count", 3).unwrap(), 5);
+        hb.set_counter("bytes", u64::MAX - 1).unwrap();
+        assert_eq!(hb.add_counter("bytes", 10).unwrap(), u64::MAX);
+        assert_eq!(
+            hb.counters().collect::<Vec<_>>(),
+            [("bytes", u64::MAX), ("cycle_count", 5)]
+        );
+        assert_eq!(hb.remove_counter("bytes"), Some(u64::MAX));
+        let hb = Heartbeat::new("svc", &SystemdEnv::default())
+            .with_counters(["a", "b"])
+            .unwrap();
+        let text = serde_json::to_string(&hb).unwrap();
+        assert!(text.contains(r#""a":0,"b":0"#), "{text}");
+    }
+
+    #[test]
+    fn bad_counter_names_are_refused_and_change_nothing() {
+        let mut hb = Heartbeat::new("svc", &SystemdEnv::default());
+        let long = "x".repeat(MAX_COUNTER_NAME + 1);
+        for bad in ["", "pid", "timestamp_unix", "extra", "a\nb", long.as_str()] {
+            let e = hb.set_counter(bad, 1).unwrap_err();
+            assert_eq!(e.name, bad);
+            assert!(e.to_string().contains("heartbeat counter name"), "{e}");
+            assert!(hb.add_counter(bad, 1).is_err());
+        }
+        assert!(
+            Heartbeat::new("s", &SystemdEnv::default())
+                .with_counters(["ok", "service"])
+                .is_err()
+        );
+        assert_eq!(hb.counters().count(), 0);
+        let text = serde_json::to_string(&hb).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["pid"], std::process::id());
+    }
+
+    #[test]
+    fn unknown_integer_fields_read_as_counters() {
+        let text = br#"{"format_version": 1, "service": "s", "pid": 1, "timestamp_unix": 1,
+            "requests": 42, "ratio": 0.5, "delta": -3, "label": "x", "cycle_count": 9}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hb.json");
+        std::fs::write(&path, text).unwrap();
+        let hb = read_at(&path, 1).unwrap().heartbeat.unwrap();
+        assert_eq!(
+            hb.counters().collect::<Vec<_>>(),
+            [("cycle_count", 9), ("requests", 42)]
+        );
+    }
+
+    #[test]
     fn round_trip_write_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hb.json");
@@ -731,6 +1341,7 @@ mod tests {
                 found: true,
                 fresh: true,
                 age_secs: Some(1),
+                ahead_secs: None,
                 pid: Some(std::process::id()),
                 heartbeat: Some(hb.clone()),
             }
@@ -738,7 +1349,7 @@ mod tests {
         // A second, smaller write replaces the first completely.
         hb.extra.clear();
         hb.invocation_id = None;
-        hb.cycle_count = 8;
+        hb.set_counter("cycle_count", 8).unwrap();
         w.write(&hb).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
@@ -919,6 +1530,7 @@ mod tests {
                 found: false,
                 fresh: false,
                 age_secs: None,
+                ahead_secs: None,
                 pid: None,
                 heartbeat: None,
             }
@@ -1059,8 +1671,22 @@ mod tests {
         assert_eq!((st.fresh, st.age_secs), (true, Some(max)));
         let st = read_at(&path, T0 + max + 1).unwrap();
         assert_eq!((st.fresh, st.age_secs), (false, Some(max + 1)));
+        // Stamped in the future: fresh within FUTURE_TOLERANCE, not beyond it.
+        let tol = FUTURE_TOLERANCE.as_secs();
+        let st = read_at(&path, T0 - tol).unwrap();
+        assert_eq!(
+            (st.fresh, st.age_secs, st.ahead_secs),
+            (true, Some(0), Some(tol))
+        );
+        let st = read_at(&path, T0 - tol - 1).unwrap();
+        assert_eq!(
+            (st.fresh, st.age_secs, st.ahead_secs),
+            (false, Some(0), Some(tol + 1))
+        );
         let st = read_at(&path, T0 - 3600).unwrap();
-        assert_eq!((st.fresh, st.age_secs), (true, Some(0)));
+        assert_eq!((st.fresh, st.ahead_secs), (false, Some(3600)));
+        let st = read_at(&path, T0).unwrap();
+        assert_eq!((st.fresh, st.ahead_secs), (true, None));
         // A clock before 1970 neither panics nor makes the heartbeat stale.
         let st = read_heartbeat(&path, DEFAULT_MAX_AGE, UNIX_EPOCH - Duration::from_secs(5));
         assert_eq!(st.unwrap().age_secs, Some(0));
@@ -1083,7 +1709,15 @@ mod tests {
         let hb = st.heartbeat.unwrap();
         assert_eq!(hb.health_status, HealthStatus::Unknown);
         assert_eq!(hb.health_status.to_string(), "unknown");
-        assert_eq!((hb.pid, hb.cycle_count, hb.started_unix), (9, 0, 0));
+        assert_eq!(
+            (hb.pid, hb.counter("cycle_count"), hb.started_unix),
+            (9, 0, 0)
+        );
+        assert_eq!(
+            hb.counters().count(),
+            0,
+            "non-integer unknown fields are no counters"
+        );
         assert_eq!(hb.invocation_id, None);
         assert!(hb.extra.is_empty());
         // Missing health_status reads as unknown too.
