@@ -2,7 +2,9 @@
 //! that answers each [`Request`] from the store.
 //!
 //! A connection's peer is checked first (`SO_PEERCRED`): root, the daemon's own uid and the
-//! allowed uids may talk; anyone else gets one error line and is closed. Then each line is one
+//! allowed uids may talk; anyone else gets one error line (coded `not_allowed`), and the
+//! connection is closed once the client closes or after [`REFUSAL_LINGER`], so that the client
+//! reads the line instead of `EPIPE` or `ECONNRESET`. Then each line is one
 //! request, answered by one line, in order:
 //!
 //! * a line longer than [`MAX_LINE`] is answered with an error and the connection is closed
@@ -12,8 +14,8 @@
 //! * a mutating request is answered only after the store committed it;
 //! * a request the store refused (unknown job, not the holder, …) is answered with an error and
 //!   the connection stays open; a request the store FAILED (disk full, busy database, a lost
-//!   store task) is not answered: the connection is closed, so the client sees a lost
-//!   connection, reconnects and retries, instead of taking the failure for a verdict;
+//!   store task) is answered with an error coded `unavailable` (`unavailable: WHY`): nothing
+//!   changed, and the client retries later instead of taking the failure for a verdict;
 //! * a connection that sends no complete request for [`IDLE_TIMEOUT`] is closed.
 //!
 //! At most [`MAX_CONNECTIONS`] connections are served at once; beyond that the accept loop
@@ -34,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use watchkeeper::{Controller, Progress};
-use watchkeeper_jobs::{MAX_LINE, Request, Response};
+use watchkeeper_jobs::{ErrorCode, MAX_LINE, Request, Response};
 
 use crate::config::{Config, NOBODY_UID};
 use crate::error_chain;
@@ -46,6 +48,10 @@ pub const ACCEPT_TICK: Duration = Duration::from_millis(250);
 /// How long writing one response may take before the connection is dropped (a peer that does
 /// not read its answers).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a refused connection is kept open for its request to arrive, after the refusal
+/// line was sent (see the module documentation).
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Longest error message sent back, in bytes.
 const MAX_ERROR: usize = 1024;
@@ -141,27 +147,23 @@ impl Broker {
                 || self.config.borrow().allowed_uids.contains(&uid))
     }
 
-    /// Answers one request: refusals become [`Response::Error`]. A store failure (not a
-    /// refusal) is logged and answered with `None`: the connection must be closed without an
-    /// answer, so that the client retries rather than drop what it was reporting.
-    pub async fn handle(&self, request: Request) -> Option<Response> {
+    /// Answers one request: refusals become [`Response::Error`]; a store failure (not a
+    /// refusal: disk full, a busy or broken database) is logged and answered with an error
+    /// coded [`ErrorCode::Unavailable`] (`unavailable: …`), which tells the client that the
+    /// request did not take effect and may be retried later.
+    pub async fn handle(&self, request: Request) -> Response {
         let what = describe(&request);
         match self.dispatch(request).await {
-            Ok(response) => Some(response),
+            Ok(response) => response,
             Err(e) if e.is_refusal() => {
                 let error = error_chain(&e);
                 tracing::info!(request = %what, "refused: {error}");
-                Some(Response::Error {
-                    error: truncate(error),
-                })
+                Response::error(truncate(error))
             }
             Err(e) => {
                 let error = error_chain(&e);
-                tracing::error!(
-                    request = %what,
-                    "failed: {error}; closing the connection without an answer so that the client retries"
-                );
-                None
+                tracing::error!(request = %what, "failed: {error}; answered as unavailable");
+                unavailable(&error)
             }
         }
     }
@@ -215,6 +217,24 @@ impl Broker {
                     .map(|worker| tracing::info!(job = id, %worker, ?exit_code, "completed"))?;
                 Response::Done
             }
+            Request::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            } => {
+                let policy = self.config.borrow().policy();
+                let (job, worker) = store
+                    .call(format!("complete job {id} and claim"), move |s| {
+                        s.complete_and_claim(id, &worker, exit_code, policy, now_ms())
+                            .map(|j| (j, worker))
+                    })
+                    .await?;
+                tracing::info!(job = id, %worker, ?exit_code, "completed");
+                if let Some(j) = &job {
+                    tracing::info!(job = j.id, %worker, attempt = j.attempt, "claimed");
+                }
+                Response::Job { job }
+            }
             Request::Deny { id, worker, reason } => {
                 store
                     .call(format!("deny job {id}"), move |s| {
@@ -247,13 +267,9 @@ impl Broker {
             Request::Reload => match &self.controller {
                 Some(controller) => match controller.reload().await {
                     Ok(()) => Response::Done,
-                    Err(e) => Response::Error {
-                        error: e.to_string(),
-                    },
+                    Err(e) => Response::error(truncate(error_chain(&e))),
                 },
-                None => Response::Error {
-                    error: "reload is not available here".into(),
-                },
+                None => Response::error("reload is not available here"),
             },
         })
     }
@@ -267,11 +283,23 @@ fn describe(request: &Request) -> String {
         Request::Claim { worker } => format!("claim by {worker}"),
         Request::Renew { id, worker } => format!("renew job {id} by {worker}"),
         Request::Complete { id, worker, .. } => format!("complete job {id} by {worker}"),
+        Request::CompleteAndClaim { id, worker, .. } => {
+            format!("complete job {id} and claim by {worker}")
+        }
         Request::Deny { id, worker, .. } => format!("deny job {id} by {worker}"),
         Request::Quarantine { id, worker, .. } => format!("quarantine job {id} by {worker}"),
         Request::Release { id, worker } => format!("release job {id} by {worker}"),
         Request::Stats => "stats".into(),
         Request::Reload => "reload".into(),
+    }
+}
+
+/// The answer to a request the daemon could not serve: `unavailable: WHY`, coded
+/// [`ErrorCode::Unavailable`].
+pub fn unavailable(why: &str) -> Response {
+    Response::Error {
+        error: truncate(format!("unavailable: {why}")),
+        code: Some(ErrorCode::Unavailable),
     }
 }
 
@@ -397,9 +425,7 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
         } else {
             tracing::warn!(uid, pid, "refused a connection: {error}");
         }
-        let mut stream = stream;
-        let _ = write_response(&mut stream, &Response::Error { error }).await;
-        let _ = stream.shutdown().await;
+        refuse(stream, error).await;
         return;
     }
     tracing::debug!(uid, pid, "connected");
@@ -438,7 +464,7 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
             let error =
                 format!("request line longer than {MAX_LINE} bytes; closing the connection");
             tracing::warn!(uid, pid, "{error}");
-            let _ = write_response(&mut write, &Response::Error { error }).await;
+            let _ = write_response(&mut write, &Response::error(error)).await;
             let _ = write.shutdown().await;
             break;
         }
@@ -447,15 +473,10 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(&line);
         let response = match serde_json::from_slice::<Request>(request) {
-            Ok(request) => match broker.handle(request).await {
-                Some(response) => response,
-                None => break, // a store failure: closed unanswered, the client retries
-            },
+            Ok(request) => broker.handle(request).await,
             Err(e) => {
                 tracing::debug!(uid, pid, error = %e, "invalid request");
-                Response::Error {
-                    error: truncate(format!("invalid request: {e}")),
-                }
+                Response::error(truncate(format!("invalid request: {e}")))
             }
         };
         if let Err(e) = write_response(&mut write, &response).await {
@@ -467,6 +488,38 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
         }
     }
     tracing::debug!(uid, pid, "disconnected");
+}
+
+/// Answers a connection the daemon does not serve with one line, coded `not_allowed`, and makes
+/// sure the client can read it.
+///
+/// Closing right after writing would lose the line about as often as not: a client that
+/// writes its request after the close gets `EPIPE`, and one whose request arrived before the
+/// close gets `ECONNRESET` (the kernel resets a stream closed with unread data). So the daemon
+/// writes the line, shuts down its sending side (the client reads the line, then the end of
+/// the stream), and reads and drops what the client sends until the client closes, at most
+/// [`REFUSAL_LINGER`] and [`MAX_LINE`] bytes, before closing.
+async fn refuse(stream: UnixStream, error: String) {
+    let (mut read, mut write) = stream.into_split();
+    let response = Response::Error {
+        error,
+        code: Some(ErrorCode::NotAllowed),
+    };
+    if write_response(&mut write, &response).await.is_err() {
+        return;
+    }
+    let _ = write.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total <= MAX_LINE {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
 /// Writes one response line, within [`WRITE_TIMEOUT`].
@@ -493,9 +546,7 @@ async fn write_response(
 }
 
 fn error_line(error: &str) -> Vec<u8> {
-    let response = Response::Error {
-        error: error.to_owned(),
-    };
+    let response = Response::error(error);
     serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"result":"error","error":"?"}"#.to_vec())
 }
 
