@@ -578,35 +578,99 @@ async fn a_store_failure_is_answered_as_unavailable_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_cap_wait_for_one_to_close() {
+async fn at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one() {
     let server = Server::start_with(Setup {
-        limits: Some((2, DEADLINE * 3)),
+        limits: Some((3, DEADLINE * 3)),
         ..Setup::default()
     })
     .await;
     let ping = b"{\"op\":\"ping\"}\n";
-    let mut first = server.raw().await;
-    let mut second = server.raw().await;
-    assert!(matches!(first.call(ping).await, Response::Pong { .. }));
-    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
-    // The third connects (the kernel's backlog) but is not served while two are open.
-    let mut third = server.raw().await;
-    third.send(ping).await;
-    let mut line = String::new();
-    let waited = tokio::time::timeout(
-        Duration::from_millis(500),
-        third.reader.read_line(&mut line),
-    )
+    let mut a = server.raw().await;
+    let mut b = server.raw().await;
+    let mut c = server.raw().await;
+    for conn in [&mut a, &mut b, &mut c] {
+        assert!(matches!(conn.call(ping).await, Response::Pong { .. }));
+    }
+    // `b` sends half a request, slowly: that does not make it busy.
+    b.send(b"{\"op\":").await;
+    assert!(matches!(a.call(ping).await, Response::Pong { .. }));
+    // Last answered, oldest first: b, c, a. So b goes first, then c.
+    let mut d = server.raw().await;
+    assert!(matches!(d.call(ping).await, Response::Pong { .. }));
+    assert_eq!(
+        b.recv().await,
+        None,
+        "the longest idle connection stays open"
+    );
+    let mut e = server.raw().await;
+    assert!(matches!(e.call(ping).await, Response::Pong { .. }));
+    assert_eq!(c.recv().await, None, "the next longest idle stays open");
+    for conn in [&mut a, &mut d, &mut e] {
+        assert!(matches!(conn.call(ping).await, Response::Pong { .. }));
+    }
+    server.stop().await;
+}
+
+/// Opens `n` connections that never send anything.
+async fn idle_connections(path: &Path, n: usize) -> Vec<UnixStream> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(UnixStream::connect(path).await.unwrap());
+    }
+    idle
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_do_not_lock_out_a_new_client() {
+    let (_, nofile) = watchkeeper_daemon::raise_nofile_limit();
+    assert!(
+        nofile >= 2 * 1100 + 100,
+        "RLIMIT_NOFILE {nofile} too low for this test"
+    );
+    // The daemon's defaults.
+    let server = Server::start_with(Setup {
+        limits: Some((
+            watchkeeper_daemon::connection_cap(nofile),
+            server::IDLE_TIMEOUT,
+        )),
+        ..Setup::default()
+    })
     .await;
-    assert!(waited.is_err(), "served beyond the cap: {line:?}");
-    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
-    drop(first);
-    let mut line = String::new();
-    tokio::time::timeout(DEADLINE, third.reader.read_line(&mut line))
+    let idle = idle_connections(&server.path, 1000).await;
+    let mut c = tokio::time::timeout(DEADLINE, server.client())
         .await
-        .expect("not served after a connection closed")
-        .unwrap();
-    assert!(line.starts_with(r#"{"result":"pong""#), "{line}");
+        .expect("cannot connect");
+    let version = tokio::time::timeout(DEADLINE, c.ping())
+        .await
+        .expect("a new client is locked out by idle connections");
+    assert!(version.is_ok(), "{version:?}");
+    drop(idle);
+    server.stop().await;
+
+    // With a cap below the number of idle connections, the oldest are closed.
+    let server = Server::start_with(Setup {
+        limits: Some((100, server::IDLE_TIMEOUT)),
+        ..Setup::default()
+    })
+    .await;
+    let mut idle = idle_connections(&server.path, 1000).await;
+    let mut c = server.client().await;
+    let version = tokio::time::timeout(DEADLINE, c.ping())
+        .await
+        .expect("a new client is locked out by idle connections");
+    assert!(version.is_ok(), "{version:?}");
+    // The first 900 or more were closed to make room (each sees the end of the stream).
+    let mut closed = 0;
+    for conn in idle.iter_mut().take(900) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(DEADLINE, conn.read(&mut byte))
+            .await
+            .expect("an idle connection beyond the cap stays open");
+        if matches!(read, Ok(0) | Err(_)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 900);
     server.stop().await;
 }
 
