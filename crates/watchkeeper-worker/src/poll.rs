@@ -823,6 +823,7 @@ fn op(req: &Request) -> &'static str {
         Request::Claim { .. } => "claim",
         Request::Renew { .. } => "renew",
         Request::Complete { .. } => "complete",
+        Request::CompleteAndClaim { .. } => "complete_and_claim",
         Request::Deny { .. } => "deny",
         Request::Quarantine { .. } => "quarantine",
         Request::Release { .. } => "release",

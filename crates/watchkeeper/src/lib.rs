@@ -77,6 +77,7 @@
 pub mod activation;
 pub mod credentials;
 pub mod env;
+pub mod fsutil;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod logging;
