@@ -338,7 +338,18 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(manager: &FakeManager, watchdog: Option<Duration>, args: &[String]) -> Self {
+        Self::start_with_env(manager, watchdog, args, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables.
+    pub fn start_with_env(
+        manager: &FakeManager,
+        watchdog: Option<Duration>,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let mut cmd = manager.command(env!("CARGO_BIN_EXE_watchkeeper-worker"), watchdog);
+        cmd.envs(env.iter().copied());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("WATCHKEEPER_") {
                 cmd.env_remove(k);
