@@ -219,6 +219,30 @@ fn status_reports_health_through_the_faults() -> Result<()> {
         "{code} {err}"
     );
 
+    // The shipped metrics service and timer, as the units run them.
+    let local_bin = wk.user_home().join(".local/bin/watchkeeper");
+    wk.claim(&local_bin, false)?;
+    std::fs::copy(&bin, &local_bin)?;
+    std::os::unix::fs::chown(&local_bin, Some(wk.uid()), Some(wk.gid()))?;
+    for unit in ["watchkeeper-metrics.service", "watchkeeper-metrics.timer"] {
+        let text = support::wk::read_contrib(&format!("systemd/user/{unit}"))?;
+        wk.write_user_file(&wk.unit_dir().join(unit), &text)?;
+    }
+    wk.systemctl_ok(["daemon-reload"])?;
+    wk.systemctl_ok(["start", "watchkeeper-metrics.timer"])?;
+    let prom = wk
+        .user_home()
+        .join(".config/watchkeeper-metrics/watchkeeper.prom");
+    let text = wk.poll(
+        "the timer's first metrics",
+        "watchkeeper-metrics.service",
+        DEADLINE,
+        || Ok(std::fs::read_to_string(&prom).ok()),
+    )?;
+    parse_metrics(&text)?;
+    let m = wk.show("watchkeeper-metrics.service", &["Result"]);
+    ensure!(m["Result"] == "success", "{m:?}");
+
     // Probes.
     let alpha = service(&v, ALPHA)?;
     let hb_path = alpha["heartbeat"]["path"]
