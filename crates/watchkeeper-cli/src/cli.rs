@@ -66,6 +66,12 @@ pub(crate) enum Command {
     Probe(ProbeArgs),
     /// The facts of `status` in the Prometheus text format.
     Metrics(MetricsArgs),
+    /// Installs the shipped units, configurations and binaries.
+    Install(InstallArgs),
+    /// Stops, disables and removes what `install` wrote.
+    Uninstall(UninstallArgs),
+    /// Switches back to the previously installed binaries and restarts the units.
+    Rollback(RollbackArgs),
     /// Shell completions on stdout.
     Completions {
         /// The shell.

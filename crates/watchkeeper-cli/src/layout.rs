@@ -29,6 +29,34 @@ impl Layout {
             .unwrap_or_else(|| self.home.join(".config"))
     }
 
+    /// Where unit files go.
+    pub(crate) fn unit_dir(&self) -> PathBuf {
+        if self.user {
+            self.config_home().join("systemd/user")
+        } else {
+            PathBuf::from("/etc/systemd/system")
+        }
+    }
+
+    /// The configurations and environment files (`%E/watchkeeper` or `/etc/watchkeeper`).
+    pub(crate) fn config_dir(&self) -> PathBuf {
+        if self.user {
+            self.config_home().join("watchkeeper")
+        } else {
+            PathBuf::from("/etc/watchkeeper")
+        }
+    }
+
+    /// The versioned binaries and the manifest: `~/.local/lib/watchkeeper` or
+    /// `/usr/local/lib/watchkeeper`.
+    pub(crate) fn install_root(&self) -> PathBuf {
+        if self.user {
+            self.home.join(".local/lib/watchkeeper")
+        } else {
+            PathBuf::from("/usr/local/lib/watchkeeper")
+        }
+    }
+
     /// A unit's `StateDirectory=NAME`: `/var/lib/NAME`; for the user manager
     /// `~/.config/NAME` (systemd 252) or `~/.local/state/NAME` (newer), whichever exists.
     pub(crate) fn state_dir(&self, name: &str) -> PathBuf {

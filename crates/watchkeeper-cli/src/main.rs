@@ -6,6 +6,7 @@ mod app;
 mod cli;
 mod exit;
 mod hb;
+mod install;
 mod layout;
 mod metrics;
 mod probe;

@@ -43,6 +43,47 @@ impl Manager {
             .map_err(|e| exit::coded(exit::CANNOT_ASK, format!("cannot run systemctl: {e}")))
     }
 
+    /// Like [`Self::run`], but a failure is an error with systemctl's message.
+    pub(crate) fn run_ok(self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "`{}` failed ({}): {}",
+                self.cmd_line(&args.join(" ")),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether the manager answers; an error (exit code [`exit::CANNOT_ASK`]) naming what the
+    /// operator should do when it does not.
+    pub(crate) fn reachable(self) -> Result<()> {
+        let out = self.run(&["is-system-running"])?;
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // is-system-running exits non-zero for `degraded` or `starting` too: only no answer
+        // (or `offline`) means nobody is there.
+        if state.is_empty() || state == "offline" {
+            let hint = if self.user {
+                "log in as the user (or enable linger as root: `loginctl enable-linger USER`) \
+                 and make sure XDG_RUNTIME_DIR=/run/user/UID is set"
+            } else {
+                "this needs a running systemd as PID 1"
+            };
+            return Err(exit::coded(
+                exit::CANNOT_ASK,
+                format!(
+                    "no {} service manager answers (`{}`: {}): {hint}",
+                    if self.user { "user" } else { "system" },
+                    self.cmd_line("is-system-running"),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The loaded units matching `pattern` (`systemctl list-units --all`), sorted.
     pub(crate) fn list_units(self, pattern: &str) -> Result<Vec<String>> {
         let out = self.run(&[
