@@ -162,7 +162,11 @@ async fn a_late_iteration_is_pinged_as_soon_as_it_ends() {
         progress.tick();
         tokio::time::sleep(Duration::from_millis(1)).await;
         let r = settle(&manager, &marker, &format!("iteration {i}"));
-        assert_eq!(pings(&r), i, "iteration {i}: no ping right after the tick: {r:#?}");
+        assert_eq!(
+            pings(&r),
+            i,
+            "iteration {i}: no ping right after the tick: {r:#?}"
+        );
     }
     progress.retire();
 }

@@ -13,6 +13,7 @@
 //! * an atomic, versioned JSON heartbeat file for operators and probes ([`heartbeat`]);
 //! * `tracing` to journald when `JOURNAL_STREAM` says stderr is the journal, plain stderr
 //!   otherwise ([`logging`]);
+//! * the same for services on plain threads, without an async runtime ([`blocking`]);
 //! * socket-activated listeners ([`activation`]) and `$CREDENTIALS_DIRECTORY` ([`credentials`]).
 //!
 //! The protocol follows systemd's own `sd_notify(3)`, `sd_watchdog_enabled(3)`,
@@ -75,6 +76,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
+pub mod blocking;
 pub mod credentials;
 pub mod env;
 pub mod fsutil;
