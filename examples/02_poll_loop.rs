@@ -9,6 +9,11 @@
 //! deadlocked call would). The pings stop, the heartbeat goes stale, `STATUS=` names the loop,
 //! and the manager's watchdog kills the service.
 //!
+//! `--cycles N` stops the service cleanly after N cycles. `--start-delay-ms N` simulates a slow
+//! initialisation after the loop's first tick: `READY=1` comes N ms later, and the start timeout
+//! is extended (`EXTEND_TIMEOUT_USEC=`) every second meanwhile; no watchdog ping goes out before
+//! `READY=1`.
+//!
 //! ```text
 //! cargo build --examples
 //! wk-fake-manager --watchdog-sec 2 -- target/debug/examples/02_poll_loop --hang-after 15
@@ -25,6 +30,8 @@ use watchkeeper::{Service, SystemdEnv};
 #[derive(Debug, Default)]
 struct Args {
     hang_after: Option<u64>,
+    cycles: Option<u64>,
+    start_delay: Option<Duration>,
     heartbeat: Option<PathBuf>,
     interval: Option<Duration>,
 }
@@ -37,6 +44,12 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--hang-after" => args.hang_after = Some(value()?.parse().context("--hang-after")?),
             "--heartbeat" => args.heartbeat = Some(value()?.into()),
+            "--cycles" => args.cycles = Some(value()?.parse().context("--cycles")?),
+            "--start-delay-ms" => {
+                args.start_delay = Some(Duration::from_millis(
+                    value()?.parse().context("--start-delay-ms")?,
+                ))
+            }
             "--interval-ms" => {
                 args.interval = Some(Duration::from_millis(
                     value()?.parse().context("--interval-ms")?,
@@ -61,18 +74,30 @@ async fn main() -> anyhow::Result<()> {
     let progress = service.register_loop("poll");
     let stop = service.shutdown_token();
     let lifecycle = service.lifecycle();
-    let mut interval = tokio::time::interval(args.interval.unwrap_or(Duration::from_millis(200)));
     let hang_after = args.hang_after;
+    let cycles = args.cycles;
+    let controller = service.controller();
 
+    if let Some(delay) = args.start_delay {
+        // The loop made its first step; the rest of the start is slow.
+        progress.tick();
+        let end = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < end {
+            lifecycle.extend_timeout(Duration::from_secs(3)).await?;
+            tokio::time::sleep(Duration::from_secs(1).min(end - tokio::time::Instant::now())).await;
+        }
+    }
+
+    let mut interval = tokio::time::interval(args.interval.unwrap_or(Duration::from_millis(200)));
     service.spawn(async move {
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = interval.tick() => {}
             }
-            let cycles = heartbeat.counter("cycle_count");
-            if Some(cycles) == hang_after {
-                tracing::warn!(cycles, "simulating a hung loop");
+            let so_far = heartbeat.counter("cycle_count");
+            if Some(so_far) == hang_after {
+                tracing::warn!(cycles = so_far, "simulating a hung loop");
                 std::future::pending::<()>().await;
             }
             // One unit of (simulated) work. The names were checked by with_counters().
@@ -86,9 +111,14 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "heartbeat not written");
             }
             progress.tick();
-            let cycles = heartbeat.counter("cycle_count");
-            if cycles % 10 == 0 {
-                let _ = lifecycle.status(&format!("polling; {cycles} cycles"));
+            let done = heartbeat.counter("cycle_count");
+            if Some(done) == cycles {
+                tracing::info!(cycles = done, "done; stopping");
+                controller.request_shutdown().await;
+                break;
+            }
+            if done % 10 == 0 {
+                let _ = lifecycle.status(&format!("polling; {done} cycles"));
             }
         }
         heartbeat.health_status = HealthStatus::Stopping;

@@ -420,3 +420,89 @@ async fn ready_after_a_good_reload_does_not_resend_an_older_status() {
     controller.request_shutdown().await;
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_fails_stops_the_service_with_its_error() {
+    let manager = FakeManager::start().unwrap();
+    let service = unsignalled(&manager);
+    service.lifecycle().ready().await.unwrap();
+    let progress = service.register_loop("fetch");
+    service.spawn_named("fetch", async move {
+        progress.tick();
+        Err::<(), _>(std::io::Error::other("upstream refused the connection"))
+    });
+    let r = tokio::time::timeout(WAIT, service.run(watchkeeper::service::no_reload))
+        .await
+        .unwrap();
+    match r {
+        Err(watchkeeper::ServiceError::TaskFailed { task, error }) => {
+            assert_eq!(task, "fetch");
+            assert_eq!(error, "upstream refused the connection");
+        }
+        other => panic!("a failed task must not end in a graceful stop: {other:?}"),
+    }
+    manager.wait_stopping(WAIT).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_panics_is_not_a_graceful_stop() {
+    let manager = FakeManager::start().unwrap();
+    let service = unsignalled(&manager);
+    service.lifecycle().ready().await.unwrap();
+    let fail = Arc::new(AtomicUsize::new(1));
+    let handle = service.spawn(async move {
+        if fail.load(Ordering::SeqCst) == 1 {
+            panic!("index out of bounds");
+        }
+    });
+    assert!(
+        handle.await.unwrap_err().is_panic(),
+        "the handle still sees the panic"
+    );
+    let r = tokio::time::timeout(WAIT, service.run(watchkeeper::service::no_reload))
+        .await
+        .unwrap();
+    match r {
+        Err(watchkeeper::ServiceError::TaskFailed { task, error }) => {
+            assert!(task.starts_with("unnamed task"), "{task}");
+            assert_eq!(error, "panicked: index out of bounds");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_running_withholds_the_pings_after_a_task_failed() {
+    let manager = FakeManager::start().unwrap();
+    let service = Service::builder("t")
+        .env(manager.env_with_watchdog(Duration::from_millis(400)))
+        .handle_signals(false)
+        .on_task_failure(watchkeeper::TaskFailure::KeepRunning)
+        .build()
+        .unwrap();
+    service.lifecycle().ready().await.unwrap();
+    manager.wait_ping_since(0, WAIT).unwrap();
+    let failed = service.spawn_named("sync", async { Err::<(), _>("disk full") });
+    failed.await.unwrap().unwrap_err();
+    let status = manager
+        .wait_for("the dead task in STATUS=", WAIT, |r| {
+            r.get("STATUS") == Some("stalled: no progress in 'sync (failed)'")
+        })
+        .unwrap();
+    // The service runs on, without pings.
+    manager.expect_no_ping(Duration::from_millis(800)).unwrap();
+    assert!(
+        manager.records()[status.seq..].iter().all(|r| !r.is_ping()),
+        "{:#?}",
+        manager.records()
+    );
+    let controller = service.controller();
+    let run = tokio::spawn(service.run(watchkeeper::service::no_reload));
+    controller.request_shutdown().await;
+    match tokio::time::timeout(WAIT, run).await.unwrap().unwrap() {
+        Err(watchkeeper::ServiceError::TaskFailed { task, error }) => {
+            assert_eq!((task.as_str(), error.as_str()), ("sync", "disk full"));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -47,6 +47,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("watchkeeper-daemon", "watchkeeper-daemon"),
     ("watchkeeper-worker", "watchkeeper-worker"),
     ("wk-jobs", "watchkeeper-jobs"),
+    ("watchkeeper", "watchkeeper-cli"),
     ("wk-fake-manager", "watchkeeper-testkit"),
     ("wk-notify-script", "watchkeeper-testkit"),
 ];

@@ -24,6 +24,9 @@ pub const NOBODY_UID: u32 = 65534;
 /// Why [`NOBODY_UID`] cannot be allowed, for error messages.
 pub const NOBODY_PROBLEM: &str = "uid 65534 is nobody, the overflow uid that user namespaces map unknown users to, and is never allowed";
 
+/// The largest configuration file [`Config::load`] reads, in bytes (1 MiB).
+pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
+
 /// The daemon's tunables. [`Config::default`] is what runs without a file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,10 +95,22 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads and checks the file at `path`.
+    ///
+    /// Only a regular file of at most [`MAX_CONFIG_SIZE`] bytes is read, opened so that it
+    /// cannot block (a FIFO is an error, not a hang; `/dev/zero` is an error, not an endless
+    /// read).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        };
+        let bytes = watchkeeper::fsutil::read_regular_file_bounded(path, MAX_CONFIG_SIZE)
+            .map_err(read_err)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not valid UTF-8",
+            ))
         })?;
         Self::from_toml(&text, path)
     }
@@ -245,6 +260,43 @@ mod tests {
     fn an_unreadable_file_names_the_path() {
         let e = Config::load(Path::new("/nonexistent/wk.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/wk.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_dev_zero_or_an_oversize_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let big = dir.path().join("big.toml");
+        let mut text = "lease_secs = 5\n".to_owned();
+        text.push_str(&"#".repeat(usize::try_from(MAX_CONFIG_SIZE).unwrap()));
+        std::fs::write(&big, text).unwrap();
+        // On another thread, so that a blocking open fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo.clone(), PathBuf::from("/dev/zero"), big.clone()];
+        std::thread::spawn(move || {
+            let _ = tx.send(paths.map(|p| Config::load(&p)));
+        });
+        let [fifo_e, zero_e, big_e] = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("Config::load blocked");
+        let line = |r: Result<Config, ConfigError>| crate::error_chain(&r.unwrap_err());
+        assert_eq!(
+            line(fifo_e),
+            format!(
+                "cannot read the configuration {0}: {0} is a FIFO, not a regular file",
+                fifo.display()
+            )
+        );
+        assert!(line(zero_e).ends_with("/dev/zero is a character device, not a regular file"));
+        assert!(line(big_e).ends_with(&format!("is larger than {MAX_CONFIG_SIZE} bytes")));
     }
 
     #[test]

@@ -99,15 +99,26 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let (counts_tx, counts_rx) = watch::channel(stats.clone());
     let (note_tx, note_rx) = watch::channel(None::<String>);
 
+    let (nofile_before, nofile) = crate::raise_nofile_limit();
+    let cap = crate::connection_cap(nofile);
+    tracing::info!(
+        nofile_before,
+        nofile,
+        connection_cap = cap,
+        "open-file limit and connection cap"
+    );
+    let (conn_tx, conn_rx) = watch::channel(server::ConnectionStats::default());
     let broker = Arc::new(
         Broker::new(store.clone(), config_rx.clone(), opts.allow_uids.clone())
-            .with_controller(service.controller()),
+            .with_controller(service.controller())
+            .with_connection_limits(cap, server::IDLE_TIMEOUT),
     );
-    service.spawn(server::accept_loop(
+    service.spawn(server::accept_loop_with_counts(
         listener,
         broker,
         stop.clone(),
         service.register_loop("accept"),
+        Some(conn_tx),
     ));
     service.spawn(maintain(
         store,
@@ -120,6 +131,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         lifecycle.clone(),
         counts_rx.clone(),
         note_rx,
+        conn_rx,
         config_rx,
         stop,
     ));
@@ -281,11 +293,28 @@ async fn maintain(
     }
 }
 
+/// The connections part of `STATUS=`: only when the cap was reached (idle connections were
+/// shed, or a new one refused), e.g. `connections 4096 of 4096, 12 idle closed to make room`.
+fn connections_note(c: &server::ConnectionStats) -> Option<String> {
+    if c.shed == 0 && c.refused == 0 && c.open < c.cap {
+        return None;
+    }
+    let mut note = format!(
+        "connections {} of {}, {} idle closed to make room",
+        c.open, c.cap, c.shed
+    );
+    if c.refused > 0 {
+        note.push_str(&format!(", {} refused (all busy)", c.refused));
+    }
+    Some(note)
+}
+
 /// Every `status_interval_secs`: `STATUS=` with the counts, if they changed.
 async fn report_status(
     lifecycle: Lifecycle,
     counts: watch::Receiver<Stats>,
     note: watch::Receiver<Option<String>>,
+    connections: watch::Receiver<server::ConnectionStats>,
     config: watch::Receiver<Config>,
     stop: CancellationToken,
 ) {
@@ -296,7 +325,18 @@ async fn report_status(
             () = stop.cancelled() => break,
             () = tokio::time::sleep(period) => {}
         }
-        let line = status_line(&counts.borrow(), note.borrow().as_deref());
+        let notes: Vec<String> = [
+            connections_note(&connections.borrow()),
+            note.borrow().clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let joined = notes.join("; ");
+        let line = status_line(
+            &counts.borrow(),
+            (!joined.is_empty()).then_some(joined.as_str()),
+        );
         if lifecycle.state() == State::Stopping
             || lifecycle.last_status().as_deref() == Some(line.as_str())
         {

@@ -181,6 +181,40 @@ impl DaemonError {
     }
 }
 
+/// Fds kept free for the store, the notify socket, logs and the like, below the soft
+/// `RLIMIT_NOFILE`, when the connection cap is derived from it.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (a daemon holding many connections needs
+/// more than the usual 1024) and returns the soft limit now in force, `(before, after)`.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current.unwrap_or(u64::MAX);
+    if limit.current == limit.maximum {
+        return (before, before);
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => (before, limit.maximum.unwrap_or(u64::MAX)),
+        Err(e) => {
+            tracing::warn!(error = %e, soft = before, "cannot raise RLIMIT_NOFILE to its hard limit");
+            (before, before)
+        }
+    }
+}
+
+/// The connection cap for a soft `RLIMIT_NOFILE` of `nofile`: [`server::MAX_CONNECTIONS`], or
+/// fewer if the fds would run out first (each connection is one fd; [`RESERVED_FDS`] stay
+/// free).
+pub fn connection_cap(nofile: u64) -> usize {
+    let room = usize::try_from(nofile.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    server::MAX_CONNECTIONS.min(room).max(1)
+}
+
 /// `error` and its sources on one line, joined with `: ` (for responses, `STATUS=` and
 /// logs). Newlines inside messages become spaces.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

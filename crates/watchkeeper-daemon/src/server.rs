@@ -2,7 +2,9 @@
 //! that answers each [`Request`] from the store.
 //!
 //! A connection's peer is checked first (`SO_PEERCRED`): root, the daemon's own uid and the
-//! allowed uids may talk; anyone else gets one error line and is closed. Then each line is one
+//! allowed uids may talk; anyone else gets one error line (coded `not_allowed`), and the
+//! connection is closed once the client closes or after [`REFUSAL_LINGER`], so that the client
+//! reads the line instead of `EPIPE` or `ECONNRESET`. Then each line is one
 //! request, answered by one line, in order:
 //!
 //! * a line longer than [`MAX_LINE`] is answered with an error and the connection is closed
@@ -12,12 +14,15 @@
 //! * a mutating request is answered only after the store committed it;
 //! * a request the store refused (unknown job, not the holder, …) is answered with an error and
 //!   the connection stays open; a request the store FAILED (disk full, busy database, a lost
-//!   store task) is not answered: the connection is closed, so the client sees a lost
-//!   connection, reconnects and retries, instead of taking the failure for a verdict;
+//!   store task) is answered with an error coded `unavailable` (`unavailable: WHY`): nothing
+//!   changed, and the client retries later instead of taking the failure for a verdict;
 //! * a connection that sends no complete request for [`IDLE_TIMEOUT`] is closed.
 //!
-//! At most [`MAX_CONNECTIONS`] connections are served at once; beyond that the accept loop
-//! waits for one to close (the kernel's backlog holds the rest).
+//! The accept loop never stops accepting. At most [`MAX_CONNECTIONS`] connections are open at
+//! once: at the cap, each new connection closes the one idle the longest (no request in
+//! progress, whether it sends nothing or sends its request slowly), so that idle or slow
+//! clients cannot lock out new ones; if every open connection is inside a request, the new one
+//! is answered `unavailable: too many connections …` and closed.
 //!
 //! On shutdown (the token is cancelled) the accept loop stops, and every connection finishes
 //! the request it is in — answers it — but does not read another one.
@@ -29,12 +34,12 @@ use tokio::io::{
     AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use watchkeeper::{Controller, Progress};
-use watchkeeper_jobs::{MAX_LINE, Request, Response};
+use watchkeeper_jobs::{ErrorCode, MAX_LINE, Request, Response};
 
 use crate::config::{Config, NOBODY_UID};
 use crate::error_chain;
@@ -47,6 +52,10 @@ pub const ACCEPT_TICK: Duration = Duration::from_millis(250);
 /// not read its answers).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a refused connection is kept open for its request to arrive, after the refusal
+/// line was sent (see the module documentation).
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// Longest error message sent back, in bytes.
 const MAX_ERROR: usize = 1024;
 
@@ -57,8 +66,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// ticking its watchdog [`Progress`], so that the watchdog restarts the daemon.
 pub const ACCEPT_FAILING_LIMIT: Duration = Duration::from_secs(5);
 
-/// Default cap on connections served at once ([`Broker::with_connection_limits`]).
-pub const MAX_CONNECTIONS: usize = 256;
+/// Default cap on open connections ([`Broker::with_connection_limits`]); at the cap, the one
+/// idle the longest is closed for each new one.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// At most one log line about shed connections per this interval.
+pub const SHED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Default time a connection may go without a complete request before it is closed
 /// ([`Broker::with_connection_limits`]).
@@ -98,16 +111,16 @@ impl Broker {
         }
     }
 
-    /// Serves at most `max_connections` (at least 1) connections at once, and closes one that
-    /// sends no complete request for `idle_timeout`. Defaults: [`MAX_CONNECTIONS`],
-    /// [`IDLE_TIMEOUT`].
+    /// Keeps at most `max_connections` (at least 1) connections open, closing the one idle
+    /// the longest to make room for a new one, and closes one that sends no complete request
+    /// for `idle_timeout`. Defaults: [`MAX_CONNECTIONS`], [`IDLE_TIMEOUT`].
     #[must_use]
     pub fn with_connection_limits(
         mut self,
         max_connections: usize,
         idle_timeout: Duration,
     ) -> Self {
-        self.max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        self.max_connections = max_connections.max(1);
         self.idle_timeout = idle_timeout;
         self
     }
@@ -141,27 +154,23 @@ impl Broker {
                 || self.config.borrow().allowed_uids.contains(&uid))
     }
 
-    /// Answers one request: refusals become [`Response::Error`]. A store failure (not a
-    /// refusal) is logged and answered with `None`: the connection must be closed without an
-    /// answer, so that the client retries rather than drop what it was reporting.
-    pub async fn handle(&self, request: Request) -> Option<Response> {
+    /// Answers one request: refusals become [`Response::Error`]; a store failure (not a
+    /// refusal: disk full, a busy or broken database) is logged and answered with an error
+    /// coded [`ErrorCode::Unavailable`] (`unavailable: …`), which tells the client that the
+    /// request did not take effect and may be retried later.
+    pub async fn handle(&self, request: Request) -> Response {
         let what = describe(&request);
         match self.dispatch(request).await {
-            Ok(response) => Some(response),
+            Ok(response) => response,
             Err(e) if e.is_refusal() => {
                 let error = error_chain(&e);
                 tracing::info!(request = %what, "refused: {error}");
-                Some(Response::Error {
-                    error: truncate(error),
-                })
+                Response::error(truncate(error))
             }
             Err(e) => {
                 let error = error_chain(&e);
-                tracing::error!(
-                    request = %what,
-                    "failed: {error}; closing the connection without an answer so that the client retries"
-                );
-                None
+                tracing::error!(request = %what, "failed: {error}; answered as unavailable");
+                unavailable(&error)
             }
         }
     }
@@ -215,6 +224,24 @@ impl Broker {
                     .map(|worker| tracing::info!(job = id, %worker, ?exit_code, "completed"))?;
                 Response::Done
             }
+            Request::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            } => {
+                let policy = self.config.borrow().policy();
+                let (job, worker) = store
+                    .call(format!("complete job {id} and claim"), move |s| {
+                        s.complete_and_claim(id, &worker, exit_code, policy, now_ms())
+                            .map(|j| (j, worker))
+                    })
+                    .await?;
+                tracing::info!(job = id, %worker, ?exit_code, "completed");
+                if let Some(j) = &job {
+                    tracing::info!(job = j.id, %worker, attempt = j.attempt, "claimed");
+                }
+                Response::Job { job }
+            }
             Request::Deny { id, worker, reason } => {
                 store
                     .call(format!("deny job {id}"), move |s| {
@@ -247,13 +274,9 @@ impl Broker {
             Request::Reload => match &self.controller {
                 Some(controller) => match controller.reload().await {
                     Ok(()) => Response::Done,
-                    Err(e) => Response::Error {
-                        error: e.to_string(),
-                    },
+                    Err(e) => Response::error(truncate(error_chain(&e))),
                 },
-                None => Response::Error {
-                    error: "reload is not available here".into(),
-                },
+                None => Response::error("reload is not available here"),
             },
         })
     }
@@ -267,11 +290,23 @@ fn describe(request: &Request) -> String {
         Request::Claim { worker } => format!("claim by {worker}"),
         Request::Renew { id, worker } => format!("renew job {id} by {worker}"),
         Request::Complete { id, worker, .. } => format!("complete job {id} by {worker}"),
+        Request::CompleteAndClaim { id, worker, .. } => {
+            format!("complete job {id} and claim by {worker}")
+        }
         Request::Deny { id, worker, .. } => format!("deny job {id} by {worker}"),
         Request::Quarantine { id, worker, .. } => format!("quarantine job {id} by {worker}"),
         Request::Release { id, worker } => format!("release job {id} by {worker}"),
         Request::Stats => "stats".into(),
         Request::Reload => "reload".into(),
+    }
+}
+
+/// The answer to a request the daemon could not serve: `unavailable: WHY`, coded
+/// [`ErrorCode::Unavailable`].
+pub fn unavailable(why: &str) -> Response {
+    Response::Error {
+        error: truncate(format!("unavailable: {why}")),
+        code: Some(ErrorCode::Unavailable),
     }
 }
 
@@ -287,49 +322,190 @@ fn truncate(mut s: String) -> String {
     s
 }
 
+/// The open connections, for shedding the one idle the longest when the cap is reached.
+#[derive(Debug, Default)]
+struct Registry {
+    inner: std::sync::Mutex<RegistryInner>,
+    /// Connections closed to make room since the start.
+    shed: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    next: u64,
+    open: std::collections::HashMap<u64, Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// When the connection's last request was answered (or it connected).
+    idle_since: Instant,
+    /// Inside a request (read complete, answer not yet written): never shed then.
+    busy: bool,
+    /// Cancelled to shed the connection.
+    shed: CancellationToken,
+}
+
+/// A connection's place in the [`Registry`]; leaves it on drop.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    registry: Arc<Registry>,
+    shed: CancellationToken,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    fn enter(self: &Arc<Self>) -> Entry {
+        let shed = CancellationToken::new();
+        let mut inner = self.lock();
+        let id = inner.next;
+        inner.next += 1;
+        inner.open.insert(
+            id,
+            Slot {
+                idle_since: Instant::now(),
+                busy: false,
+                shed: shed.clone(),
+            },
+        );
+        Entry {
+            id,
+            registry: self.clone(),
+            shed,
+        }
+    }
+
+    /// Closes the connection that has been idle the longest (not inside a request) and
+    /// returns how long it was idle; `None` if every connection is inside a request. It leaves
+    /// the registry at once.
+    fn shed_one(&self) -> Option<Duration> {
+        let mut inner = self.lock();
+        let (&id, _) = inner
+            .open
+            .iter()
+            .filter(|(_, slot)| !slot.busy)
+            .min_by_key(|(_, slot)| slot.idle_since)?;
+        let slot = inner.open.remove(&id)?;
+        drop(inner);
+        slot.shed.cancel();
+        self.shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(slot.idle_since.elapsed())
+    }
+}
+
+impl Entry {
+    fn set_busy(&self, busy: bool) {
+        let mut inner = self.registry.lock();
+        if let Some(slot) = inner.open.get_mut(&self.id) {
+            slot.busy = busy;
+            if !busy {
+                slot.idle_since = Instant::now();
+            }
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.registry.lock().open.remove(&self.id);
+    }
+}
+
+/// Connection counts for `STATUS=` and logs ([`accept_loop`] publishes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Open connections.
+    pub open: usize,
+    /// The cap at which idle connections are shed.
+    pub cap: usize,
+    /// Connections closed to make room, since the start.
+    pub shed: u64,
+    /// Connections refused because every open one was inside a request, since the start.
+    pub refused: u64,
+}
+
 /// Accepts connections until `stop` is cancelled, then waits for the open connections to
 /// finish their current request. Ticks `progress` after every accept and every
 /// [`ACCEPT_TICK`] while idle, so the watchdog sees the loop alive.
+///
+/// The loop never stops accepting: at the connection cap, the connection idle the longest
+/// (no request in progress: idle, or sending its request slowly) is closed to make room, so
+/// that idle or slow clients cannot lock out a new one. If every open connection is inside a
+/// request, the new one is answered `unavailable: too many connections …` and closed. Counts
+/// go to `counts` (for `STATUS=`), shedding to the log (at most one line per
+/// [`SHED_LOG_INTERVAL`]).
 pub async fn accept_loop(
     listener: UnixListener,
     broker: Arc<Broker>,
     stop: CancellationToken,
     progress: Progress,
 ) {
+    accept_loop_with_counts(listener, broker, stop, progress, None).await;
+}
+
+/// [`accept_loop`], publishing [`ConnectionStats`] to `counts` at every change of the
+/// shedding counters and every [`ACCEPT_TICK`].
+pub async fn accept_loop_with_counts(
+    listener: UnixListener,
+    broker: Arc<Broker>,
+    stop: CancellationToken,
+    progress: Progress,
+    counts: Option<watch::Sender<ConnectionStats>>,
+) {
     let connections = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(broker.max_connections));
+    let registry = Arc::new(Registry::default());
+    let cap = broker.max_connections;
     let mut idle = tokio::time::interval(ACCEPT_TICK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when accept(2) has been failing without a success in between.
     let mut failing_since: Option<Instant> = None;
     let mut gave_up = false;
-    let mut permit = None;
-    let mut full_logged = false;
+    let mut refused = 0u64;
+    let mut shed_logged = (0u64, Instant::now() - SHED_LOG_INTERVAL);
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
-                // The semaphore is never closed.
-                permit = acquired.ok();
-                full_logged = false;
-            }
-            accepted = listener.accept(), if permit.is_some() => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     if failing_since.take().is_some() {
                         tracing::info!("accept works again");
                     }
-                    let permit = permit.take();
-                    let (broker, stop) = (broker.clone(), stop.clone());
-                    connections.spawn(async move {
-                        serve_connection(stream, broker, stop).await;
-                        drop(permit);
-                    });
+                    let mut room = true;
+                    while registry.open() >= cap {
+                        if registry.shed_one().is_none() {
+                            room = false;
+                            break;
+                        }
+                    }
+                    if room {
+                        let entry = registry.enter();
+                        let (broker, stop) = (broker.clone(), stop.clone());
+                        connections.spawn(serve_connection(stream, broker, stop, entry));
+                    } else {
+                        refused += 1;
+                        tracing::warn!(cap, "every connection is inside a request; refusing a new one");
+                        connections.spawn(refuse_busy(stream, cap));
+                    }
                 }
                 Err(e) => {
                     if failing_since.is_none() {
                         failing_since = Some(Instant::now());
                         tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_BACKOFF:?}");
+                    }
+                    // Out of fds: make room by closing an idle connection.
+                    if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error()) {
+                        registry.shed_one();
                     }
                     tokio::select! {
                         () = stop.cancelled() => break,
@@ -337,15 +513,30 @@ pub async fn accept_loop(
                     }
                 }
             },
-            _ = idle.tick() => {
-                if permit.is_none() && !full_logged {
-                    full_logged = true;
-                    tracing::warn!(
-                        max = broker.max_connections,
-                        "too many connections; accepting again when one closes"
-                    );
-                }
-            }
+            _ = idle.tick() => {}
+        }
+        let shed = registry.shed.load(std::sync::atomic::Ordering::Relaxed);
+        if shed > shed_logged.0 && shed_logged.1.elapsed() >= SHED_LOG_INTERVAL {
+            tracing::warn!(
+                cap,
+                shed_since_last = shed - shed_logged.0,
+                shed_total = shed,
+                "at the connection cap: closed the connections idle the longest to make room"
+            );
+            shed_logged = (shed, Instant::now());
+        }
+        if let Some(counts) = &counts {
+            let now = ConnectionStats {
+                open: registry.open(),
+                cap,
+                shed,
+                refused,
+            };
+            counts.send_if_modified(|c| {
+                let changed = *c != now;
+                *c = now;
+                changed
+            });
         }
         match failing_since {
             Some(since) if since.elapsed() > ACCEPT_FAILING_LIMIT => {
@@ -374,9 +565,23 @@ pub async fn accept_loop(
     connections.wait().await;
 }
 
-/// Serves one connection until the peer closes it, a protocol error closes it, or `stop` is
-/// cancelled between requests.
-pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: CancellationToken) {
+/// Answers a connection beyond the cap, when no open one can be shed.
+async fn refuse_busy(mut stream: UnixStream, cap: usize) {
+    let response = unavailable(&format!(
+        "too many connections: all {cap} are inside a request; try again"
+    ));
+    let _ = write_response(&mut stream, &response).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves one connection until the peer closes it, a protocol error closes it, `stop` is
+/// cancelled between requests, or it is shed for a new one while idle.
+async fn serve_connection(
+    stream: UnixStream,
+    broker: Arc<Broker>,
+    stop: CancellationToken,
+    entry: Entry,
+) {
     let peer = match rustix::net::sockopt::socket_peercred(&stream) {
         Ok(peer) => peer,
         Err(e) => {
@@ -397,9 +602,7 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
         } else {
             tracing::warn!(uid, pid, "refused a connection: {error}");
         }
-        let mut stream = stream;
-        let _ = write_response(&mut stream, &Response::Error { error }).await;
-        let _ = stream.shutdown().await;
+        refuse(stream, error).await;
         return;
     }
     tracing::debug!(uid, pid, "connected");
@@ -413,6 +616,11 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
         let read = tokio::select! {
             biased;
             () = stop.cancelled() => break,
+            () = entry.shed.cancelled() => {
+                tracing::debug!(uid, pid, "closing an idle connection to make room for a new one");
+                let _ = write.shutdown().await;
+                break;
+            }
             read = tokio::time::timeout(broker.idle_timeout, limited.read_until(b'\n', &mut line)) => read,
         };
         let Ok(read) = read else {
@@ -438,35 +646,64 @@ pub async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, stop: Can
             let error =
                 format!("request line longer than {MAX_LINE} bytes; closing the connection");
             tracing::warn!(uid, pid, "{error}");
-            let _ = write_response(&mut write, &Response::Error { error }).await;
+            let _ = write_response(&mut write, &Response::error(error)).await;
             let _ = write.shutdown().await;
             break;
         }
+        entry.set_busy(true);
         let request = line
             .strip_suffix(b"\n")
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(&line);
         let response = match serde_json::from_slice::<Request>(request) {
-            Ok(request) => match broker.handle(request).await {
-                Some(response) => response,
-                None => break, // a store failure: closed unanswered, the client retries
-            },
+            Ok(request) => broker.handle(request).await,
             Err(e) => {
                 tracing::debug!(uid, pid, error = %e, "invalid request");
-                Response::Error {
-                    error: truncate(format!("invalid request: {e}")),
-                }
+                Response::error(truncate(format!("invalid request: {e}")))
             }
         };
         if let Err(e) = write_response(&mut write, &response).await {
             tracing::debug!(uid, pid, error = %e, "cannot answer; closing");
             break;
         }
+        entry.set_busy(false);
         if !terminated {
             break; // the peer closed after an unterminated last line
         }
     }
     tracing::debug!(uid, pid, "disconnected");
+}
+
+/// Answers a connection the daemon does not serve with one line, coded `not_allowed`, and makes
+/// sure the client can read it.
+///
+/// Closing right after writing would lose the line about as often as not: a client that
+/// writes its request after the close gets `EPIPE`, and one whose request arrived before the
+/// close gets `ECONNRESET` (the kernel resets a stream closed with unread data). So the daemon
+/// writes the line, shuts down its sending side (the client reads the line, then the end of
+/// the stream), and reads and drops what the client sends until the client closes, at most
+/// [`REFUSAL_LINGER`] and [`MAX_LINE`] bytes, before closing.
+async fn refuse(stream: UnixStream, error: String) {
+    let (mut read, mut write) = stream.into_split();
+    let response = Response::Error {
+        error,
+        code: Some(ErrorCode::NotAllowed),
+    };
+    if write_response(&mut write, &response).await.is_err() {
+        return;
+    }
+    let _ = write.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total <= MAX_LINE {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
 /// Writes one response line, within [`WRITE_TIMEOUT`].
@@ -493,9 +730,7 @@ async fn write_response(
 }
 
 fn error_line(error: &str) -> Vec<u8> {
-    let response = Response::Error {
-        error: error.to_owned(),
-    };
+    let response = Response::error(error);
     serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"result":"error","error":"?"}"#.to_vec())
 }
 

@@ -519,94 +519,36 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err(path, op()))?;
-        sweep_tx(&tx, path, policy.max_attempts, now_ms)?;
-        let lease_secs = i64::try_from(policy.lease_secs).unwrap_or(i64::MAX);
-        let held: Option<(i64, String, i64)> = tx
-            .query_row(
-                "SELECT id, spec, attempts FROM jobs
-                 WHERE state = 'claimed' AND worker = ?1 AND lease_until_ms > ?2
-                 ORDER BY id LIMIT 1",
-                params![worker, now_ms],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(sql_err(path, op()))?;
-        if let Some((id, text, attempts)) = held {
-            // The spec was read when the job was first handed out; a file edited by hand since
-            // then falls through to the ordinary claim and the job runs out its lease.
-            if let Ok(spec) = serde_json::from_str(&text) {
-                tracing::warn!(
-                    job = id,
-                    worker,
-                    attempts,
-                    "claim by the job's holder: handing it out again (its claim answer was lost)"
-                );
-                tx.execute(
-                    "UPDATE jobs SET lease_until_ms = ?2, lease_secs = ?3, updated_ms = ?4
-                     WHERE id = ?1",
-                    params![id, lease_end(now_ms, policy.lease_secs), lease_secs, now_ms],
-                )
-                .map_err(sql_err(path, op()))?;
-                tx.commit().map_err(sql_err(path, op()))?;
-                return Ok(Some(ClaimedJob {
-                    id: id.unsigned_abs(),
-                    spec,
-                    attempt: to_u32(attempts),
-                    lease_secs: policy.lease_secs,
-                }));
-            }
+        let job = claim_tx(&tx, path, worker, policy, now_ms)?;
+        tx.commit().map_err(sql_err(path, op()))?;
+        Ok(job)
+    }
+
+    /// [`Store::complete`] and then [`Store::claim`] by `worker`, in one transaction: the
+    /// outcome is recorded and the next job claimed, or, if the report is refused, neither.
+    pub fn complete_and_claim(
+        &mut self,
+        id: u64,
+        worker: &str,
+        exit_code: Option<i32>,
+        policy: Policy,
+        now_ms: i64,
+    ) -> Result<Option<ClaimedJob>, StoreError> {
+        if worker.is_empty() || worker.len() > MAX_WORKER_NAME {
+            return Err(StoreError::InvalidWorker { len: worker.len() });
         }
-        loop {
-            let next: Option<(i64, String, i64)> = tx
-                .query_row(
-                    "SELECT id, spec, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()
-                .map_err(sql_err(path, op()))?;
-            let Some((id, text, attempts)) = next else {
-                tx.commit().map_err(sql_err(path, op()))?;
-                return Ok(None);
-            };
-            let spec = match serde_json::from_str(&text) {
-                Ok(spec) => spec,
-                Err(e) => {
-                    // Only possible if the file was edited by hand; do not let it block the queue.
-                    let reason = format!("stored spec is not valid JSON: {e}");
-                    tracing::warn!(job = id, %reason, "quarantining a job at claim");
-                    tx.execute(
-                        "UPDATE jobs SET state = 'quarantined', reason = ?2, updated_ms = ?3
-                         WHERE id = ?1",
-                        params![id, reason, now_ms],
-                    )
-                    .map_err(sql_err(path, op()))?;
-                    continue;
-                }
-            };
-            let attempt = attempts.saturating_add(1);
-            tx.execute(
-                "UPDATE jobs SET state = 'claimed', attempts = ?2, worker = ?3,
-                        lease_until_ms = ?4, updated_ms = ?5, lease_secs = ?6
-                 WHERE id = ?1",
-                params![
-                    id,
-                    attempt,
-                    worker,
-                    lease_end(now_ms, policy.lease_secs),
-                    now_ms,
-                    lease_secs
-                ],
-            )
+        let path = &self.path;
+        let op = || format!("complete job {id} and claim by {worker}");
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err(path, op()))?;
-            tx.commit().map_err(sql_err(path, op()))?;
-            return Ok(Some(ClaimedJob {
-                id: id.unsigned_abs(),
-                spec,
-                attempt: to_u32(attempt),
-                lease_secs: policy.lease_secs,
-            }));
-        }
+        let rid = check_holder(&tx, path, id, worker, "complete", now_ms)?;
+        let (state, reason) = outcome(exit_code);
+        settle_tx(&tx, rid, state, reason, exit_code, now_ms).map_err(sql_err(path, op()))?;
+        let job = claim_tx(&tx, path, worker, policy, now_ms)?;
+        tx.commit().map_err(sql_err(path, op()))?;
+        Ok(job)
     }
 
     /// Ends every lease that ran out by `now_ms`: a job that has used `max_attempts` attempts is
@@ -655,14 +597,7 @@ impl Store {
         exit_code: Option<i32>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let (state, reason) = match exit_code {
-            Some(0) => (JobState::Completed, None),
-            Some(code) => (JobState::Failed, Some(format!("exited with code {code}"))),
-            None => (
-                JobState::Failed,
-                Some("no exit code (killed or timed out)".to_owned()),
-            ),
-        };
+        let (state, reason) = outcome(exit_code);
         self.settle(id, worker, "complete", state, reason, exit_code, now_ms)
     }
 
@@ -782,12 +717,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.finish(id, worker, what, now_ms, |tx, rid| {
-            tx.execute(
-                "UPDATE jobs SET state = ?2, reason = ?3, exit_code = ?4, lease_until_ms = NULL,
-                        updated_ms = ?5
-                 WHERE id = ?1",
-                params![rid, state.as_str(), reason, exit_code, now_ms],
-            )
+            settle_tx(tx, rid, state, reason, exit_code, now_ms)
         })
     }
 
@@ -802,40 +732,179 @@ impl Store {
     ) -> Result<(), StoreError> {
         let path = &self.path;
         let op = || format!("{what} job {id} by {worker}");
-        let rid = i64::try_from(id).map_err(|_| StoreError::NoSuchJob { id })?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err(path, op()))?;
-        let row: Option<(String, Option<String>, Option<i64>)> = tx
+        let rid = check_holder(&tx, path, id, worker, what, now_ms)?;
+        update(&tx, rid).map_err(sql_err(path, op()))?;
+        tx.commit().map_err(sql_err(path, op()))
+    }
+}
+
+/// The job's row id if, and only if, `worker` holds an unexpired claim on `id`.
+fn check_holder(
+    tx: &Transaction<'_>,
+    path: &Path,
+    id: u64,
+    worker: &str,
+    what: &str,
+    now_ms: i64,
+) -> Result<i64, StoreError> {
+    let op = || format!("{what} job {id} by {worker}");
+    let rid = i64::try_from(id).map_err(|_| StoreError::NoSuchJob { id })?;
+    let row: Option<(String, Option<String>, Option<i64>)> = tx
+        .query_row(
+            "SELECT state, worker, lease_until_ms FROM jobs WHERE id = ?1",
+            [rid],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(sql_err(path, op()))?;
+    let Some((state, holder, lease_until)) = row else {
+        return Err(StoreError::NoSuchJob { id });
+    };
+    let refuse = |why: String| StoreError::NotClaimed {
+        id,
+        worker: worker.to_owned(),
+        why,
+    };
+    if state != JobState::Claimed.as_str() {
+        return Err(refuse(format!("it is {state}")));
+    }
+    match holder {
+        Some(h) if h == worker => {}
+        Some(h) => return Err(refuse(format!("it is claimed by {h}"))),
+        None => return Err(refuse("it has no worker".to_owned())),
+    }
+    if lease_until.is_none_or(|until| until <= now_ms) {
+        return Err(refuse("its lease expired".to_owned()));
+    }
+    Ok(rid)
+}
+
+/// A run's final state and reason: `Some(0)` → completed, anything else → failed.
+fn outcome(exit_code: Option<i32>) -> (JobState, Option<String>) {
+    match exit_code {
+        Some(0) => (JobState::Completed, None),
+        Some(code) => (JobState::Failed, Some(format!("exited with code {code}"))),
+        None => (
+            JobState::Failed,
+            Some("no exit code (killed or timed out)".to_owned()),
+        ),
+    }
+}
+
+/// Ends a claim in a final state, inside the caller's transaction.
+fn settle_tx(
+    tx: &Transaction<'_>,
+    rid: i64,
+    state: JobState,
+    reason: Option<String>,
+    exit_code: Option<i32>,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE jobs SET state = ?2, reason = ?3, exit_code = ?4, lease_until_ms = NULL,
+                updated_ms = ?5
+         WHERE id = ?1",
+        params![rid, state.as_str(), reason, exit_code, now_ms],
+    )
+}
+
+/// The claim, inside the caller's transaction: sweep, then the held job or the oldest queued.
+fn claim_tx(
+    tx: &Transaction<'_>,
+    path: &Path,
+    worker: &str,
+    policy: Policy,
+    now_ms: i64,
+) -> Result<Option<ClaimedJob>, StoreError> {
+    let op = || format!("claim by {worker}");
+    sweep_tx(tx, path, policy.max_attempts, now_ms)?;
+    let lease_secs = i64::try_from(policy.lease_secs).unwrap_or(i64::MAX);
+    let held: Option<(i64, String, i64)> = tx
+        .query_row(
+            "SELECT id, spec, attempts FROM jobs
+             WHERE state = 'claimed' AND worker = ?1 AND lease_until_ms > ?2
+             ORDER BY id LIMIT 1",
+            params![worker, now_ms],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(sql_err(path, op()))?;
+    if let Some((id, text, attempts)) = held {
+        // The spec was read when the job was first handed out; a file edited by hand since
+        // then falls through to the ordinary claim and the job runs out its lease.
+        if let Ok(spec) = serde_json::from_str(&text) {
+            tracing::warn!(
+                job = id,
+                worker,
+                attempts,
+                "claim by the job's holder: handing it out again (its claim answer was lost)"
+            );
+            tx.execute(
+                "UPDATE jobs SET lease_until_ms = ?2, lease_secs = ?3, updated_ms = ?4
+                 WHERE id = ?1",
+                params![id, lease_end(now_ms, policy.lease_secs), lease_secs, now_ms],
+            )
+            .map_err(sql_err(path, op()))?;
+            return Ok(Some(ClaimedJob {
+                id: id.unsigned_abs(),
+                spec,
+                attempt: to_u32(attempts),
+                lease_secs: policy.lease_secs,
+            }));
+        }
+    }
+    loop {
+        let next: Option<(i64, String, i64)> = tx
             .query_row(
-                "SELECT state, worker, lease_until_ms FROM jobs WHERE id = ?1",
-                [rid],
+                "SELECT id, spec, attempts FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1",
+                [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(sql_err(path, op()))?;
-        let Some((state, holder, lease_until)) = row else {
-            return Err(StoreError::NoSuchJob { id });
+        let Some((id, text, attempts)) = next else {
+            return Ok(None);
         };
-        let refuse = |why: String| StoreError::NotClaimed {
-            id,
-            worker: worker.to_owned(),
-            why,
+        let spec = match serde_json::from_str(&text) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // Only possible if the file was edited by hand; do not let it block the queue.
+                let reason = format!("stored spec is not valid JSON: {e}");
+                tracing::warn!(job = id, %reason, "quarantining a job at claim");
+                tx.execute(
+                    "UPDATE jobs SET state = 'quarantined', reason = ?2, updated_ms = ?3
+                     WHERE id = ?1",
+                    params![id, reason, now_ms],
+                )
+                .map_err(sql_err(path, op()))?;
+                continue;
+            }
         };
-        if state != JobState::Claimed.as_str() {
-            return Err(refuse(format!("it is {state}")));
-        }
-        match holder {
-            Some(h) if h == worker => {}
-            Some(h) => return Err(refuse(format!("it is claimed by {h}"))),
-            None => return Err(refuse("it has no worker".to_owned())),
-        }
-        if lease_until.is_none_or(|until| until <= now_ms) {
-            return Err(refuse("its lease expired".to_owned()));
-        }
-        update(&tx, rid).map_err(sql_err(path, op()))?;
-        tx.commit().map_err(sql_err(path, op()))
+        let attempt = attempts.saturating_add(1);
+        tx.execute(
+            "UPDATE jobs SET state = 'claimed', attempts = ?2, worker = ?3,
+                    lease_until_ms = ?4, updated_ms = ?5, lease_secs = ?6
+             WHERE id = ?1",
+            params![
+                id,
+                attempt,
+                worker,
+                lease_end(now_ms, policy.lease_secs),
+                now_ms,
+                lease_secs
+            ],
+        )
+        .map_err(sql_err(path, op()))?;
+        return Ok(Some(ClaimedJob {
+            id: id.unsigned_abs(),
+            spec,
+            attempt: to_u32(attempt),
+            lease_secs: policy.lease_secs,
+        }));
     }
 }
 
@@ -1085,6 +1154,30 @@ mod tests {
         assert!(e.to_string().ends_with("its lease expired"), "{e}");
         assert!(e.is_refusal());
         assert_eq!(s.job(id).unwrap().unwrap().state, JobState::Claimed);
+    }
+
+    #[test]
+    fn complete_and_claim_is_one_transaction() {
+        let (_d, mut s) = open();
+        let a = s.submit(&serde_json::json!("a"), T0).unwrap();
+        let b = s.submit(&serde_json::json!("b"), T0).unwrap();
+        assert_eq!(s.claim("w", POLICY, T0).unwrap().unwrap().id, a);
+        let next = s
+            .complete_and_claim(a, "w", Some(0), POLICY, T0 + 1)
+            .unwrap();
+        assert_eq!(next.map(|j| j.id), Some(b));
+        // Refused: not the holder. Nothing changes, nothing is claimed.
+        let e = s
+            .complete_and_claim(b, "other", Some(0), POLICY, T0 + 2)
+            .unwrap_err();
+        assert!(e.is_refusal(), "{e}");
+        assert_eq!(s.stats().unwrap(), stats(0, 1, 1, 0, 0, 0));
+        assert_eq!(s.job(b).unwrap().unwrap().worker.as_deref(), Some("w"));
+        assert_eq!(
+            s.complete_and_claim(b, "w", None, POLICY, T0 + 3).unwrap(),
+            None
+        );
+        assert_eq!(s.stats().unwrap(), stats(0, 0, 1, 1, 0, 0));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use watchkeeper_daemon::config::Config;
 use watchkeeper_daemon::listener::{self, SocketFile};
 use watchkeeper_daemon::server::{self, Broker};
 use watchkeeper_daemon::store::{JobState, SharedStore, Store};
-use watchkeeper_jobs::{Client, ClientError, MAX_LINE, Request, Response, Stats};
+use watchkeeper_jobs::{Client, ClientError, ErrorCode, MAX_LINE, Request, Response, Stats};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -138,7 +138,7 @@ impl Raw {
 
 fn error_text(response: &Response) -> &str {
     match response {
-        Response::Error { error } => error,
+        Response::Error { error, .. } => error,
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -212,6 +212,43 @@ async fn full_round_trip_submit_claim_complete_stats() {
         .unwrap();
     assert_eq!(record.state, JobState::Denied);
     assert_eq!(record.reason.as_deref(), Some("not allowlisted"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn complete_and_claim_reports_and_hands_out_the_next_job_in_one_round_trip() {
+    let server = Server::start().await;
+    let mut c = server.client().await;
+    let first = c.submit(json!({"command": ["true"]})).await.unwrap();
+    let second = c.submit(json!({"command": ["false"]})).await.unwrap();
+    let job = c.claim("alpha").await.unwrap().unwrap();
+    assert_eq!(job.id, first);
+    let next = c.complete_and_claim(first, "alpha", Some(0)).await.unwrap();
+    assert_eq!(next.as_ref().map(|j| (j.id, j.attempt)), Some((second, 1)));
+    // A refused report claims nothing.
+    let e = c
+        .complete_and_claim(first, "alpha", Some(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Refused { error, .. } if error == &format!("job {first} is not claimed by alpha: it is completed")),
+        "{e:?}"
+    );
+    assert_eq!(c.stats().await.unwrap().claimed, 1);
+    assert_eq!(
+        c.complete_and_claim(second, "alpha", Some(1))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        c.stats().await.unwrap(),
+        Stats {
+            completed: 1,
+            failed: 1,
+            ..Stats::default()
+        }
+    );
     server.stop().await;
 }
 
@@ -486,7 +523,7 @@ async fn allowed_uids_follow_the_configuration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_failure_closes_the_connection_unanswered_so_the_client_retries() {
+async fn a_store_failure_is_answered_as_unavailable_with_the_reason() {
     let server = Server::start().await;
     let mut c = server.client().await;
     let id = c.submit(json!("x")).await.unwrap();
@@ -509,17 +546,23 @@ async fn a_store_failure_closes_the_connection_unanswered_so_the_client_retries(
         .execute_batch("DROP TABLE jobs")
         .unwrap();
     let mut raw = server.raw().await;
-    raw.send(
-        format!("{{\"op\":\"complete\",\"id\":{id},\"worker\":\"w\",\"exit_code\":0}}\n")
-            .as_bytes(),
-    )
-    .await;
-    assert_eq!(
-        raw.recv().await,
-        None,
-        "an error line instead of a closed connection"
+    let response = raw
+        .call(
+            format!("{{\"op\":\"complete\",\"id\":{id},\"worker\":\"w\",\"exit_code\":0}}\n")
+                .as_bytes(),
+        )
+        .await;
+    let Response::Error { error, code } = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(code, Some(ErrorCode::Unavailable));
+    assert!(
+        error.starts_with("unavailable: ") && error.contains("no such table: jobs"),
+        "{error}"
     );
-    // Through the client: a lost connection, not a refusal, so the worker keeps the outcome.
+    assert!(!error.contains('\n'));
+    // Through the client: unavailable, not a refusal, so the worker keeps the outcome; and
+    // the connection stays usable.
     let e = c
         .report(&Request::Complete {
             id,
@@ -528,45 +571,106 @@ async fn a_store_failure_closes_the_connection_unanswered_so_the_client_retries(
         })
         .await
         .unwrap_err();
-    assert!(
-        matches!(e, ClientError::Closed { .. } | ClientError::Io { .. }),
-        "{e:?}"
-    );
-    // Requests that do not touch the store are still served.
-    assert!(server.client().await.ping().await.is_ok());
+    assert!(matches!(e, ClientError::Unavailable { .. }), "{e:?}");
+    assert!(!e.is_permanent());
+    assert!(c.ping().await.is_ok());
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_cap_wait_for_one_to_close() {
+async fn at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one() {
     let server = Server::start_with(Setup {
-        limits: Some((2, DEADLINE * 3)),
+        limits: Some((3, DEADLINE * 3)),
         ..Setup::default()
     })
     .await;
     let ping = b"{\"op\":\"ping\"}\n";
-    let mut first = server.raw().await;
-    let mut second = server.raw().await;
-    assert!(matches!(first.call(ping).await, Response::Pong { .. }));
-    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
-    // The third connects (the kernel's backlog) but is not served while two are open.
-    let mut third = server.raw().await;
-    third.send(ping).await;
-    let mut line = String::new();
-    let waited = tokio::time::timeout(
-        Duration::from_millis(500),
-        third.reader.read_line(&mut line),
-    )
+    let mut a = server.raw().await;
+    let mut b = server.raw().await;
+    let mut c = server.raw().await;
+    for conn in [&mut a, &mut b, &mut c] {
+        assert!(matches!(conn.call(ping).await, Response::Pong { .. }));
+    }
+    // `b` sends half a request, slowly: that does not make it busy.
+    b.send(b"{\"op\":").await;
+    assert!(matches!(a.call(ping).await, Response::Pong { .. }));
+    // Last answered, oldest first: b, c, a. So b goes first, then c.
+    let mut d = server.raw().await;
+    assert!(matches!(d.call(ping).await, Response::Pong { .. }));
+    assert_eq!(
+        b.recv().await,
+        None,
+        "the longest idle connection stays open"
+    );
+    let mut e = server.raw().await;
+    assert!(matches!(e.call(ping).await, Response::Pong { .. }));
+    assert_eq!(c.recv().await, None, "the next longest idle stays open");
+    for conn in [&mut a, &mut d, &mut e] {
+        assert!(matches!(conn.call(ping).await, Response::Pong { .. }));
+    }
+    server.stop().await;
+}
+
+/// Opens `n` connections that never send anything.
+async fn idle_connections(path: &Path, n: usize) -> Vec<UnixStream> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(UnixStream::connect(path).await.unwrap());
+    }
+    idle
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_do_not_lock_out_a_new_client() {
+    let (_, nofile) = watchkeeper_daemon::raise_nofile_limit();
+    assert!(
+        nofile >= 2 * 1100 + 100,
+        "RLIMIT_NOFILE {nofile} too low for this test"
+    );
+    // The daemon's defaults.
+    let server = Server::start_with(Setup {
+        limits: Some((
+            watchkeeper_daemon::connection_cap(nofile),
+            server::IDLE_TIMEOUT,
+        )),
+        ..Setup::default()
+    })
     .await;
-    assert!(waited.is_err(), "served beyond the cap: {line:?}");
-    assert!(matches!(second.call(ping).await, Response::Pong { .. }));
-    drop(first);
-    let mut line = String::new();
-    tokio::time::timeout(DEADLINE, third.reader.read_line(&mut line))
+    let idle = idle_connections(&server.path, 1000).await;
+    let mut c = tokio::time::timeout(DEADLINE, server.client())
         .await
-        .expect("not served after a connection closed")
-        .unwrap();
-    assert!(line.starts_with(r#"{"result":"pong""#), "{line}");
+        .expect("cannot connect");
+    let version = tokio::time::timeout(DEADLINE, c.ping())
+        .await
+        .expect("a new client is locked out by idle connections");
+    assert!(version.is_ok(), "{version:?}");
+    drop(idle);
+    server.stop().await;
+
+    // With a cap below the number of idle connections, the oldest are closed.
+    let server = Server::start_with(Setup {
+        limits: Some((100, server::IDLE_TIMEOUT)),
+        ..Setup::default()
+    })
+    .await;
+    let mut idle = idle_connections(&server.path, 1000).await;
+    let mut c = server.client().await;
+    let version = tokio::time::timeout(DEADLINE, c.ping())
+        .await
+        .expect("a new client is locked out by idle connections");
+    assert!(version.is_ok(), "{version:?}");
+    // The first 900 or more were closed to make room (each sees the end of the stream).
+    let mut closed = 0;
+    for conn in idle.iter_mut().take(900) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(DEADLINE, conn.read(&mut byte))
+            .await
+            .expect("an idle connection beyond the cap stays open");
+        if matches!(read, Ok(0) | Err(_)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 900);
     server.stop().await;
 }
 
@@ -596,6 +700,7 @@ async fn an_idle_connection_is_closed() {
 }
 
 const PEER_ROLE: &str = "WK_DAEMON_PEER_SOCKET";
+const PEER_MODE: &str = "WK_DAEMON_PEER_MODE";
 const NOBODY: u32 = 65534;
 
 /// Runs as uid 65534 in a child of `a_peer_whose_uid_is_not_allowed_gets_one_error_line`:
@@ -606,6 +711,66 @@ fn peer_helper() {
         return; // not the child
     };
     use std::io::{BufRead as _, Write as _};
+    match std::env::var(PEER_MODE).as_deref() {
+        Ok("client") => {
+            // The job client, 20 times: what a worker under this uid sees.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                let result = runtime.block_on(async {
+                    let mut c = Client::connect(&path).await?;
+                    c.ping().await
+                });
+                seen.push(match result {
+                    Err(ClientError::NotAllowed { reason, .. }) => format!("not_allowed:{reason}"),
+                    other => format!("{other:?}"),
+                });
+            }
+            println!("REPLY:{}", seen.join("|"));
+            return;
+        }
+        Ok("late") => {
+            // Reads the refusal and the end of the stream first, then sends its request (as a
+            // client that connects and writes later would): 20 times, the write must not fail.
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut rest = String::new();
+                let end = reader.read_line(&mut rest);
+                // A daemon that closed its socket (instead of only its sending side) shows up
+                // as POLLHUP: give it the chance to, so that the write below meets it.
+                let mut fds = [rustix::event::PollFd::new(
+                    &stream,
+                    rustix::event::PollFlags::empty(),
+                )];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                let written = (&stream).write_all(b"{\"op\":\"ping\"}\n");
+                seen.push(format!(
+                    "{}|then:{:?}|write:{}",
+                    line.trim_end(),
+                    end.map_err(|e| e.kind()),
+                    match written {
+                        Ok(()) => "ok".to_owned(),
+                        Err(e) => format!("{:?}", e.kind()),
+                    },
+                ));
+            }
+            seen.dedup();
+            println!("REPLY:{}", seen.join(" "));
+            return;
+        }
+        _ => {}
+    }
     let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
     // The daemon may have closed already: the answer is still there to read.
     let _ = stream.write_all(b"{\"op\":\"ping\"}\n");
@@ -617,10 +782,16 @@ fn peer_helper() {
 /// Runs `peer_helper` as `uid` (group [`NOBODY`], which the socket is given) and returns the
 /// line it got.
 fn reply_as(uid: u32, path: &Path) -> String {
+    reply_as_in(uid, path, "raw")
+}
+
+/// [`reply_as`] with a [`PEER_MODE`].
+fn reply_as_in(uid: u32, path: &Path, mode: &str) -> String {
     use std::os::unix::process::CommandExt as _;
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "peer_helper", "--nocapture", "--test-threads=1"])
         .env(PEER_ROLE, path)
+        .env(PEER_MODE, mode)
         .uid(uid)
         .gid(NOBODY)
         .output()
@@ -670,7 +841,9 @@ async fn a_peer_whose_uid_is_not_allowed_gets_one_error_line_and_is_closed() {
         let path = server.path.clone();
         tokio::task::spawn_blocking(move || reply_as(uid, &path))
     };
-    let refused = |uid: u32| format!(r#"{{"result":"error","error":"uid {uid} is not allowed"}}"#);
+    let refused = |uid: u32| {
+        format!(r#"{{"result":"error","error":"uid {uid} is not allowed","code":"not_allowed"}}"#)
+    };
     assert_eq!(reply_as(PEER).await.unwrap(), refused(PEER));
     assert_eq!(reply_as(NOBODY).await.unwrap(), refused(NOBODY));
     // Allowed through the (reloadable) configuration, the same peer is served...
@@ -681,5 +854,53 @@ async fn a_peer_whose_uid_is_not_allowed_gets_one_error_line_and_is_closed() {
     assert!(reply.starts_with(r#"{"result":"pong""#), "{reply}");
     // ...but never nobody, the overflow uid: it could be any user of another namespace.
     assert_eq!(reply_as(NOBODY).await.unwrap(), refused(NOBODY));
+    server.stop().await;
+}
+
+/// A server reachable by uid [`NOBODY`] - 1 (through the socket group), which is not allowed.
+async fn server_for_a_stranger() -> Server {
+    let server = Server::start_with(Setup {
+        group: Some(NOBODY),
+        ..Setup::default()
+    })
+    .await;
+    for dir in [server.dir.path().to_owned(), server.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_reads_the_refusal_every_time_not_a_broken_pipe() {
+    if !rustix::process::getuid().is_root() {
+        eprintln!("SKIPPED: needs root to run a peer under another uid");
+        return;
+    }
+    let server = server_for_a_stranger().await;
+    const PEER: u32 = NOBODY - 1;
+    let path = server.path.clone();
+    let seen = tokio::task::spawn_blocking(move || reply_as_in(PEER, &path, "client"))
+        .await
+        .unwrap();
+    let expected = vec![format!("not_allowed:uid {PEER} is not allowed"); 20].join("|");
+    assert_eq!(seen, expected);
+    let e = ClientError::NotAllowed {
+        path: server.path.clone(),
+        reason: String::new(),
+    };
+    assert!(e.is_permanent());
+
+    // A client that writes only after the refusal arrived still can, every time: the daemon
+    // keeps its receiving side open for a while, the client sees the line and the end.
+    let path = server.path.clone();
+    let late = tokio::task::spawn_blocking(move || reply_as_in(PEER, &path, "late"))
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        format!(
+            r#"{{"result":"error","error":"uid {PEER} is not allowed","code":"not_allowed"}}|then:Ok(0)|write:ok"#
+        )
+    );
     server.stop().await;
 }

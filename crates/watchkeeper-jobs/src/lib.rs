@@ -36,9 +36,15 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Default job timeout when a spec gives none.
 pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 60;
 
-/// A request, one JSON object per line, tagged by `op`.
+/// A request, one JSON object per line, tagged by `op`. Unknown fields are errors, also for
+/// the requests without fields (`{"op":"ping","extra":1}` is refused).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "op",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    from = "wire::Request"
+)]
 pub enum Request {
     /// Liveness check.
     Ping,
@@ -59,14 +65,25 @@ pub enum Request {
         /// The worker holding it.
         worker: String,
     },
-    /// The job ran; `exit_code` 0 is success, anything else (or none: killed, timed out) a
-    /// failure.
+    /// The job ran; `exit_code` 0 is success, anything else (or `null`: killed, timed out) a
+    /// failure. `exit_code` must be present (`null` when there is none).
     Complete {
         /// The job.
         id: u64,
         /// The worker holding it.
         worker: String,
         /// The command's exit code, if it exited.
+        exit_code: Option<i32>,
+    },
+    /// [`Request::Complete`] and then [`Request::Claim`] by the same worker, in one
+    /// transaction and one round trip: answered by [`Response::Job`] (the next job, or none)
+    /// once both are on disk. If the report is refused nothing changed and nothing was claimed.
+    CompleteAndClaim {
+        /// The job that ran.
+        id: u64,
+        /// The worker holding it, and claiming the next one.
+        worker: String,
+        /// The command's exit code, if it exited (`null` when there is none; must be present).
         exit_code: Option<i32>,
     },
     /// The job is not allowed to run here (not on the worker's allowlist).
@@ -101,6 +118,92 @@ pub enum Request {
     Reload,
 }
 
+/// The form requests are read in. serde ignores unknown fields of an internally tagged *unit*
+/// variant even under `deny_unknown_fields`, so the field-less requests are read as empty
+/// struct variants here, which do refuse them.
+mod wire {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+    pub(super) enum Request {
+        Ping {},
+        Submit {
+            job: serde_json::Value,
+        },
+        Claim {
+            worker: String,
+        },
+        Renew {
+            id: u64,
+            worker: String,
+        },
+        Complete {
+            id: u64,
+            worker: String,
+            #[serde(deserialize_with = "super::required")]
+            exit_code: Option<i32>,
+        },
+        CompleteAndClaim {
+            id: u64,
+            worker: String,
+            #[serde(deserialize_with = "super::required")]
+            exit_code: Option<i32>,
+        },
+        Deny {
+            id: u64,
+            worker: String,
+            reason: String,
+        },
+        Quarantine {
+            id: u64,
+            worker: String,
+            reason: String,
+        },
+        Release {
+            id: u64,
+            worker: String,
+        },
+        Stats {},
+        Reload {},
+    }
+}
+
+impl From<wire::Request> for Request {
+    fn from(r: wire::Request) -> Self {
+        use wire::Request as W;
+        match r {
+            W::Ping {} => Request::Ping,
+            W::Submit { job } => Request::Submit { job },
+            W::Claim { worker } => Request::Claim { worker },
+            W::Renew { id, worker } => Request::Renew { id, worker },
+            W::Complete {
+                id,
+                worker,
+                exit_code,
+            } => Request::Complete {
+                id,
+                worker,
+                exit_code,
+            },
+            W::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            } => Request::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            },
+            W::Deny { id, worker, reason } => Request::Deny { id, worker, reason },
+            W::Quarantine { id, worker, reason } => Request::Quarantine { id, worker, reason },
+            W::Release { id, worker } => Request::Release { id, worker },
+            W::Stats {} => Request::Stats,
+            W::Reload {} => Request::Reload,
+        }
+    }
+}
+
 /// A response, one JSON object per line, tagged by `result`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -129,7 +232,46 @@ pub enum Response {
     Error {
         /// What went wrong.
         error: String,
+        /// The kind of failure, when it is not a refusal of the request itself (absent on the
+        /// wire then).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
     },
+}
+
+impl Response {
+    /// [`Response::Error`] without a code: the request was refused.
+    pub fn error(error: impl Into<String>) -> Self {
+        Response::Error {
+            error: error.into(),
+            code: None,
+        }
+    }
+}
+
+/// What kind of failure a [`Response::Error`] reports, beyond a refusal of the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The connecting uid may not talk to the daemon; the daemon closes the connection.
+    /// Permanent: another try is refused the same way.
+    NotAllowed,
+    /// The daemon cannot serve now (its store failed, e.g. the disk is full, or its
+    /// configuration is broken); the request did not take effect. Try again later.
+    Unavailable,
+    /// A code this client does not know (from a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+/// `Option<T>` that must be present (possibly `null`): serde otherwise takes a missing
+/// `Option` field for `None`.
+fn required<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)
 }
 
 /// A job handed to a worker.
@@ -246,6 +388,24 @@ pub enum ClientError {
         /// The daemon's message.
         error: String,
     },
+    /// The daemon does not serve this uid (see [`ErrorCode::NotAllowed`]). Permanent.
+    #[error("{path}: the daemon does not serve us: {reason}")]
+    NotAllowed {
+        /// The socket path.
+        path: PathBuf,
+        /// The daemon's message, e.g. `uid 1001 is not allowed`.
+        reason: String,
+    },
+    /// The daemon cannot serve now (see [`ErrorCode::Unavailable`]); the request did not take
+    /// effect. Transient: retry later.
+    #[error("{path}: the daemon is unavailable: {reason}")]
+    Unavailable {
+        /// The socket path.
+        path: PathBuf,
+        /// The daemon's message, e.g. `unavailable: the job store failed: database or disk is
+        /// full`.
+        reason: String,
+    },
     /// The daemon answered with a response that does not fit the request.
     #[error("{path}: unexpected response {response:?}")]
     Unexpected {
@@ -254,6 +414,31 @@ pub enum ClientError {
         /// What came back.
         response: Box<Response>,
     },
+}
+
+impl ClientError {
+    /// Whether trying again (on this or a new connection) cannot succeed until someone changes
+    /// the setup: the daemon refuses this uid ([`ClientError::NotAllowed`]), or the socket path
+    /// cannot name a socket at all (longer than `sun_path`, not a socket, no permission).
+    /// A daemon that is down, restarting or [unavailable](ClientError::Unavailable), a lost
+    /// connection and a refused request are not permanent.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::NotAllowed { .. } => true,
+            ClientError::Connect { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::PermissionDenied
+                ) || matches!(
+                    source.raw_os_error(),
+                    // ENAMETOOLONG, ENOTSOCK (Linux numbers). ENOENT and ECONNREFUSED are not
+                    // here: a daemon that is starting or restarting answers those.
+                    Some(36 | 88)
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A connection to the daemon. Requests are answered in order, one at a time.
@@ -290,34 +475,55 @@ impl Client {
     }
 
     /// Sends one request and reads its response. [`Response::Error`] is returned as
-    /// [`ClientError::Refused`].
+    /// [`ClientError::Refused`], or [`ClientError::NotAllowed`] / [`ClientError::Unavailable`]
+    /// for those codes.
+    ///
+    /// If sending fails (the daemon refused the connection and may have closed its side),
+    /// the line the daemon sent is still read: a refusal is reported as such, not as a broken
+    /// pipe.
     pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let path = self.path.clone();
         let io = |source| ClientError::Io {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         };
         let mut out = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
         out.push(b'\n');
-        self.writer.write_all(&out).await.map_err(io)?;
+        let sent = self.writer.write_all(&out).await;
         self.line.clear();
-        let n = (&mut self.reader)
+        let read = (&mut self.reader)
             .take(MAX_LINE as u64 + 1)
             .read_line(&mut self.line)
-            .await
-            .map_err(io)?;
+            .await;
+        let n = match (sent, read) {
+            (Ok(()), Ok(n)) => n,
+            (Ok(()), Err(e)) => return Err(io(e)),
+            // What the daemon said before the write failed explains the failure.
+            (Err(_), Ok(n)) if n > 0 && self.line.ends_with('\n') => n,
+            (Err(e), _) => return Err(io(e)),
+        };
         if n == 0 {
-            return Err(ClientError::Closed {
-                path: self.path.clone(),
-            });
+            return Err(ClientError::Closed { path });
         }
         match serde_json::from_str(self.line.trim_end()) {
-            Ok(Response::Error { error }) => Err(ClientError::Refused {
-                path: self.path.clone(),
+            Ok(Response::Error {
                 error,
+                code: Some(ErrorCode::NotAllowed),
+            }) => Err(ClientError::NotAllowed {
+                path,
+                reason: error,
             }),
+            Ok(Response::Error {
+                error,
+                code: Some(ErrorCode::Unavailable),
+            }) => Err(ClientError::Unavailable {
+                path,
+                reason: error,
+            }),
+            Ok(Response::Error { error, .. }) => Err(ClientError::Refused { path, error }),
             Ok(r) => Ok(r),
             Err(source) => Err(ClientError::BadResponse {
-                path: self.path.clone(),
+                path,
                 line: self.line.chars().take(200).collect(),
                 source,
             }),
@@ -355,6 +561,25 @@ impl Client {
             })
             .await?
         {
+            Response::Job { job } => Ok(job),
+            r => Err(self.unexpected(r)),
+        }
+    }
+
+    /// `complete_and_claim`: reports job `id`'s outcome and claims the next job, in one round
+    /// trip and one transaction. `Ok(None)`: the report is recorded and nothing is queued.
+    pub async fn complete_and_claim(
+        &mut self,
+        id: u64,
+        worker: &str,
+        exit_code: Option<i32>,
+    ) -> Result<Option<ClaimedJob>, ClientError> {
+        let req = Request::CompleteAndClaim {
+            id,
+            worker: worker.to_owned(),
+            exit_code,
+        };
+        match self.call(&req).await? {
             Response::Job { job } => Ok(job),
             r => Err(self.unexpected(r)),
         }
@@ -404,6 +629,54 @@ mod tests {
             serde_json::to_string(&Response::Submitted { id: 7 }).unwrap(),
             r#"{"result":"submitted","id":7}"#
         );
+        let complete: Request =
+            serde_json::from_str(r#"{"op":"complete","id":1,"worker":"a","exit_code":null}"#)
+                .unwrap();
+        assert_eq!(
+            complete,
+            Request::Complete {
+                id: 1,
+                worker: "a".into(),
+                exit_code: None
+            }
+        );
+        let next: Request = serde_json::from_str(
+            r#"{"op":"complete_and_claim","id":1,"worker":"a","exit_code":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            next,
+            Request::CompleteAndClaim {
+                id: 1,
+                worker: "a".into(),
+                exit_code: Some(0)
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::error("no job 4")).unwrap(),
+            r#"{"result":"error","error":"no job 4"}"#
+        );
+        let refusal: Response = serde_json::from_str(
+            r#"{"result":"error","error":"uid 7 is not allowed","code":"not_allowed"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            refusal,
+            Response::Error {
+                error: "uid 7 is not allowed".into(),
+                code: Some(ErrorCode::NotAllowed)
+            }
+        );
+        let newer: Response =
+            serde_json::from_str(r#"{"result":"error","error":"x","code":"from_the_future"}"#)
+                .unwrap();
+        assert!(matches!(
+            newer,
+            Response::Error {
+                code: Some(ErrorCode::Other),
+                ..
+            }
+        ));
         assert_eq!(
             serde_json::to_string(&Response::Stats(Stats::default())).unwrap(),
             r#"{"result":"stats","queued":0,"claimed":0,"completed":0,"failed":0,"denied":0,"quarantined":0}"#
@@ -412,6 +685,10 @@ mod tests {
             r#"{"op":"claim"}"#,
             r#"{"op":"nope"}"#,
             r#"{"op":"claim","worker":"a","extra":1}"#,
+            r#"{"op":"ping","extra":1}"#,
+            r#"{"op":"reload","force":true}"#,
+            r#"{"op":"complete","id":1,"worker":"a"}"#,
+            r#"{"op":"complete_and_claim","id":1,"worker":"a"}"#,
             r#"[1]"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");

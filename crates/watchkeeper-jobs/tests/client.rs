@@ -189,3 +189,41 @@ fn wk_jobs_submits_and_prints() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent.sock"), "{stderr}");
 }
+
+#[tokio::test]
+async fn codes_map_to_not_allowed_and_unavailable_and_permanence() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("d.sock");
+    let server = serve(
+        &sock,
+        vec![
+            Some(
+                r#"{"result":"error","error":"unavailable: the disk is full","code":"unavailable"}"#,
+            ),
+            Some(r#"{"result":"error","error":"uid 7 is not allowed","code":"not_allowed"}"#),
+        ],
+    );
+    let mut c = Client::connect(&sock).await.unwrap();
+    let e = c.ping().await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Unavailable { reason, .. } if reason == "unavailable: the disk is full"),
+        "{e:?}"
+    );
+    assert!(!e.is_permanent());
+    let e = c.ping().await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::NotAllowed { reason, .. } if reason == "uid 7 is not allowed"),
+        "{e:?}"
+    );
+    assert!(e.is_permanent());
+    server.join().unwrap();
+
+    // A path that cannot be a socket address is permanent; a missing socket is not.
+    let long = dir.path().join("x".repeat(200));
+    let e = Client::connect(&long).await.unwrap_err();
+    assert!(e.is_permanent(), "{e:?}");
+    let e = Client::connect(dir.path().join("missing.sock"))
+        .await
+        .unwrap_err();
+    assert!(!e.is_permanent(), "{e:?}");
+}

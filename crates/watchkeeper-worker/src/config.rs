@@ -7,6 +7,8 @@
 //! poll_interval_ms = 500   # how often an idle worker asks for a job
 //! grace_secs = 10          # on SIGTERM, how long a running job may take before it is released
 //! backoff_max_ms = 5000    # longest wait between reconnection attempts
+//! # Credentials a job may ask for by name (from the unit's LoadCredential=); default none.
+//! credentials = ["github-token"]
 //! ```
 //!
 //! Every key is optional; unknown keys are errors, so that a typo does not go unnoticed.
@@ -44,6 +46,9 @@ pub struct Config {
     pub grace_secs: u64,
     /// Longest wait between two attempts to reconnect to the daemon, in milliseconds.
     pub backoff_max_ms: u64,
+    /// Credentials (names in `$CREDENTIALS_DIRECTORY`, from the unit's `LoadCredential=`) a
+    /// job may ask for in its spec; a job that asks for another is denied.
+    pub credentials: Vec<String>,
 }
 
 impl Default for Config {
@@ -53,6 +58,7 @@ impl Default for Config {
             poll_interval_ms: DEFAULT_POLL_INTERVAL_MS,
             grace_secs: DEFAULT_GRACE_SECS,
             backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+            credentials: Vec::new(),
         }
     }
 }
@@ -164,7 +170,21 @@ impl Config {
                 ));
             }
         }
+        for name in &self.credentials {
+            if !crate::secrets::name_valid(name) {
+                return Err(invalid(
+                    "credentials",
+                    format!("{name:?}"),
+                    "entries must be credential names: 1 to 255 bytes, without '/', not . or ..",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a job may be handed credential `name`.
+    pub fn allows_credential(&self, name: &str) -> bool {
+        self.credentials.iter().any(|c| c == name)
     }
 
     /// Whether a job may run `program` (its `command[0]`): an exact match with an entry.
@@ -240,6 +260,7 @@ mod tests {
             ("backoff_max_ms = 99", "backoff_max_ms = 99"),
             ("grace_secs = 3601", "grace_secs = 3601"),
             (r#"allowlist = ["echo", ""]"#, r#"allowlist = """#),
+            (r#"credentials = ["a/b"]"#, r#"credentials = "a/b""#),
         ];
         for (text, expected) in cases {
             let e = Config::parse(text, "/etc/wk/worker.toml").unwrap_err();

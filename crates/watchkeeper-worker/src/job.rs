@@ -5,20 +5,29 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal};
+use tokio::io::AsyncWrite;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use watchkeeper::SystemdEnv;
 use watchkeeper_jobs::JobSpec;
 
+use crate::secrets::{self, Redactor, Secret};
+
 /// What a job is told about itself, in its environment: `WK_JOB_ID`, `WK_JOB_ATTEMPT` and
 /// `WK_WORKER`, so that it can make its effects idempotent (a job runs at least once, and may
 /// run again after a worker is lost).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct JobContext {
     pub(crate) id: u64,
     pub(crate) attempt: u32,
     pub(crate) worker: String,
+    /// The credentials it asked for, handed to it as files (see [`crate::secrets`]).
+    pub(crate) secrets: Vec<Secret>,
 }
+
+/// How long the job's redacted output is still copied after the job ended (a process it left
+/// behind may hold the pipe open).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// The names of the variables a job gets from [`JobContext`].
 pub(crate) const ENV_JOB_ID: &str = "WK_JOB_ID";
@@ -75,7 +84,25 @@ impl std::fmt::Display for JobEnd {
 /// `/dev/null`, without the supervision variables (`NOTIFY_SOCKET`, `WATCHDOG_*`, …) but with
 /// the [`JobContext`] ones, in a process group of its own so that a timeout or a stop kills
 /// whatever it started, too. Cancelling `stop` kills it.
+///
+/// A job with credentials gets each as a private file (its path in `WK_CREDENTIAL_<NAME>`),
+/// and its stdout and stderr go through pipes that redact the secrets, to the worker's own.
 pub(crate) async fn run(spec: JobSpec, ctx: JobContext, stop: CancellationToken) -> JobEnd {
+    run_with_output(spec, ctx, stop, tokio::io::stdout(), tokio::io::stderr()).await
+}
+
+/// [`run`], with the redacted output of a job with credentials written to `out` and `err`.
+pub(crate) async fn run_with_output<O, E>(
+    spec: JobSpec,
+    ctx: JobContext,
+    stop: CancellationToken,
+    out: O,
+    err: E,
+) -> JobEnd
+where
+    O: AsyncWrite + Unpin + Send + 'static,
+    E: AsyncWrite + Unpin + Send + 'static,
+{
     let Some((program, args)) = spec.command.split_first() else {
         return JobEnd::NotStarted("empty command".into());
     };
@@ -85,6 +112,26 @@ pub(crate) async fn run(spec: JobSpec, ctx: JobContext, stop: CancellationToken)
     cmd.env(ENV_JOB_ID, ctx.id.to_string())
         .env(ENV_JOB_ATTEMPT, ctx.attempt.to_string())
         .env(ENV_WORKER, &ctx.worker);
+    // Removed when this function returns, after the job ended.
+    let files = if ctx.secrets.is_empty() {
+        None
+    } else {
+        match secrets::JobFiles::write(&std::env::temp_dir(), ctx.id, &ctx.secrets) {
+            Ok(files) => {
+                for (var, path) in &files.env {
+                    cmd.env(var, path);
+                }
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                Some(files)
+            }
+            Err(e) => {
+                return JobEnd::NotStarted(format!(
+                    "cannot write its credentials under {}: {e}",
+                    std::env::temp_dir().display()
+                ));
+            }
+        }
+    };
     cmd.stdin(Stdio::null())
         .process_group(0)
         // If this task is dropped (the runtime shuts down), the command does not outlive it.
@@ -93,8 +140,30 @@ pub(crate) async fn run(spec: JobSpec, ctx: JobContext, stop: CancellationToken)
         Ok(child) => child,
         Err(e) => return JobEnd::NotStarted(format!("cannot start {program:?}: {e}")),
     };
+    let mut pumps = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        let redactor = Redactor::new(&ctx.secrets);
+        pumps.push(tokio::spawn(secrets::pump(stdout, out, redactor)));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        let redactor = Redactor::new(&ctx.secrets);
+        pumps.push(tokio::spawn(secrets::pump(stderr, err, redactor)));
+    }
     let limit = Duration::from_secs(spec.timeout_secs);
-    supervise(&mut child, program, limit, &stop).await
+    let end = supervise(&mut child, program, limit, &stop).await;
+    let drained = async {
+        for pump in pumps {
+            let _ = pump.await;
+        }
+    };
+    if tokio::time::timeout(OUTPUT_DRAIN, drained).await.is_err() {
+        tracing::debug!(
+            job = ctx.id,
+            "the job's output is still open after it ended"
+        );
+    }
+    drop(files);
+    end
 }
 
 /// Waits for `child` to end, killing its group when `limit` passes or `stop` is cancelled. An
@@ -156,7 +225,62 @@ mod tests {
             id: 42,
             attempt: 3,
             worker: "w1".into(),
+            secrets: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_credential_is_a_private_file_and_redacted_from_the_output() {
+        let creds_dir = tempfile::tempdir().unwrap();
+        std::fs::write(creds_dir.path().join("github-token"), b"ghp_s3cr3t\n").unwrap();
+        let creds = watchkeeper::credentials::Credentials::new(Some(creds_dir.path().into()));
+        let secrets = secrets::read(&creds, &["github-token".into()]).unwrap();
+        let report = tempfile::tempdir().unwrap();
+        let script = r#"
+            f="$WK_CREDENTIAL_GITHUB_TOKEN"
+            echo "token: $(cat "$f")"
+            echo "on stderr: $(cat "$f")" >&2
+            stat -c %a "$f" "$(dirname "$f")" > "$1/modes"
+            echo "$f" > "$1/path"
+            { env; echo "$@"; } > "$1/env"
+            exit 4
+        "#;
+        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+        let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
+        let end = run_with_output(
+            spec(
+                &["sh", "-c", script, "sh", report.path().to_str().unwrap()],
+                10,
+            ),
+            JobContext { secrets, ..ctx() },
+            CancellationToken::new(),
+            out_w,
+            err_w,
+        )
+        .await;
+        assert_eq!(end, JobEnd::Exited(4));
+        let mut out = String::new();
+        let mut err = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out)
+            .await
+            .unwrap();
+        tokio::io::AsyncReadExt::read_to_string(&mut err_r, &mut err)
+            .await
+            .unwrap();
+        // The job could read it; its output does not show it.
+        assert_eq!(out, "token: [redacted]\n");
+        assert_eq!(err, "on stderr: [redacted]\n");
+        let read = |name: &str| std::fs::read_to_string(report.path().join(name)).unwrap();
+        assert_eq!(read("modes"), "600\n700\n");
+        let env = read("env");
+        assert!(!env.contains("ghp_s3cr3t"), "{env}");
+        assert!(env.contains("WK_CREDENTIAL_GITHUB_TOKEN=/"), "{env}");
+        // The file and its directory are gone once the job ended.
+        let path = std::path::PathBuf::from(read("path").trim_end());
+        assert!(
+            !path.exists() && !path.parent().unwrap().exists(),
+            "{path:?}"
+        );
     }
 
     #[tokio::test]

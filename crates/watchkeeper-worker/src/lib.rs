@@ -29,6 +29,7 @@ pub mod config;
 mod heartbeat;
 mod job;
 mod poll;
+mod secrets;
 
 pub use config::{Config, ConfigError};
 
@@ -228,6 +229,7 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
         .stop_timeout(settings.config.grace() + STOP_MARGIN)
         .build()?;
     settings.max_sleep = service.watchdog().timeout().map(|t| t / 4);
+    settings.credentials = watchkeeper::credentials::Credentials::from_env(&env);
     log_start(&settings, opts.heartbeat.as_deref());
     // The first message to the manager, at once: a NOTIFY_SOCKET nobody listens on is found now
     // (and ends the worker, as it ends the daemon), not after the daemon first answers.
@@ -315,6 +317,7 @@ fn settings(opts: &Options, config: Config) -> Result<poll::Settings, WorkerErro
             stale_heartbeat_after: opts.drill_stale_heartbeat_after,
             slow_start: opts.drill_slow_start.map(Duration::from_secs),
         },
+        credentials: watchkeeper::credentials::Credentials::new(None),
     })
 }
 
@@ -327,6 +330,7 @@ fn log_start(s: &poll::Settings, heartbeat: Option<&std::path::Path>) {
         watchdog = ?s.max_sleep.map(|t| t * 4),
         grace = ?s.config.grace(),
         backoff_max = ?s.config.backoff_max(),
+        credentials = ?s.config.credentials,
         heartbeat = ?heartbeat,
         "starting"
     );

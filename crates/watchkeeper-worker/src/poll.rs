@@ -58,6 +58,8 @@ pub(crate) struct Settings {
     /// the watchdog timeout, when there is one.
     pub(crate) max_sleep: Option<Duration>,
     pub(crate) drills: Drills,
+    /// Where the credentials jobs ask for are read from (`$CREDENTIALS_DIRECTORY`).
+    pub(crate) credentials: watchkeeper::credentials::Credentials,
 }
 
 /// The handles the loop gets from the service.
@@ -592,8 +594,10 @@ impl PollLoop {
             self.again = true;
             return;
         }
-        let spec = match JobSpec::parse(&job.spec) {
-            Ok(spec) => spec,
+        let parsed = crate::secrets::split_spec(&job.spec)
+            .and_then(|(rest, names)| Ok((JobSpec::parse(&rest)?, names)));
+        let (spec, wanted) = match parsed {
+            Ok(parsed) => parsed,
             Err(reason) => {
                 tracing::warn!(job = id, spec = %job.spec, %reason, "malformed job: quarantining it");
                 self.counters.quarantined += 1;
@@ -613,6 +617,29 @@ impl PollLoop {
             self.again = true;
             return;
         }
+        let denied = wanted
+            .iter()
+            .find(|name| !self.settings.config.allows_credential(name))
+            .map(|name| {
+                format!("credential {name:?} is not on the credentials list of worker {worker}")
+            });
+        let secrets = match denied {
+            Some(reason) => Err(reason),
+            None => crate::secrets::read(&self.settings.credentials, &wanted).map_err(|why| {
+                format!("worker {worker} cannot hand the job its credential: {why}")
+            }),
+        };
+        let secrets = match secrets {
+            Ok(secrets) => secrets,
+            Err(reason) => {
+                tracing::warn!(job = id, credentials = ?wanted, "{reason}: denying the job");
+                self.counters.denied += 1;
+                self.unreported
+                    .push_back(Request::Deny { id, worker, reason });
+                self.again = true;
+                return;
+            }
+        };
         let renew_every = (Duration::from_secs(job.lease_secs) / 3).max(MIN_RENEW_EVERY);
         tracing::info!(
             job = id,
@@ -620,6 +647,7 @@ impl PollLoop {
             command = ?spec.command,
             timeout_secs = spec.timeout_secs,
             lease_secs = job.lease_secs,
+            credentials = ?wanted,
             "running job"
         );
         let kill = CancellationToken::new();
@@ -627,6 +655,7 @@ impl PollLoop {
             id,
             attempt: job.attempt,
             worker,
+            secrets,
         };
         let task = tokio::spawn(job::run(spec, ctx, kill.clone()));
         self.running = Some(Running {
@@ -823,6 +852,7 @@ fn op(req: &Request) -> &'static str {
         Request::Claim { .. } => "claim",
         Request::Renew { .. } => "renew",
         Request::Complete { .. } => "complete",
+        Request::CompleteAndClaim { .. } => "complete_and_claim",
         Request::Deny { .. } => "deny",
         Request::Quarantine { .. } => "quarantine",
         Request::Release { .. } => "release",
@@ -864,6 +894,7 @@ mod tests {
             poll_interval,
             max_sleep: None,
             drills: Drills::default(),
+            credentials: watchkeeper::credentials::Credentials::new(None),
         };
         let sup = Supervision {
             lifecycle: service.lifecycle(),

@@ -18,12 +18,14 @@
 //! # Caveats
 //!
 //! - A credential is read whole into memory and is not zeroed when dropped; reads are capped at
-//!   [`MAX_CREDENTIAL_SIZE`] (1 MiB, systemd's limit per credential in v252).
+//!   [`MAX_CREDENTIAL_SIZE`] (1 MiB, systemd's limit per credential in v252), and only regular
+//!   files are read: a FIFO or a device is an error, never a read that blocks or does not end
+//!   ([`crate::fsutil::read_regular_file_bounded`]).
 //! - Errors name the credential and the directory, never the content.
 //! - Secrets are often written with `echo` and end in a newline: [`Credentials::read_trimmed`]
 //!   removes exactly one trailing `\n` or `\r\n`, [`Credentials::read_string`] keeps it.
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::SystemdEnv;
@@ -84,7 +86,7 @@ pub enum CredentialError {
         name: String,
     },
     /// Opening or reading the file failed.
-    #[error("cannot read credential {name:?} from {path}: {source}", path = path.display())]
+    #[error("cannot read credential {name:?} from {path}", path = path.display())]
     Io {
         /// The credential's name.
         name: String,
@@ -159,27 +161,20 @@ impl Credentials {
             path,
             source,
         };
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(CredentialError::NotFound {
-                    name: name.to_owned(),
-                    dir: self.dir.clone().unwrap_or_default(),
-                });
-            }
-            Err(e) => return Err(io_err(path, e)),
-        };
-        let mut buf = Vec::new();
-        if let Err(e) = file.take(MAX_CREDENTIAL_SIZE + 1).read_to_end(&mut buf) {
-            return Err(io_err(path, e));
-        }
-        if buf.len() as u64 > MAX_CREDENTIAL_SIZE {
-            return Err(CredentialError::TooLarge {
+        // Bounded and non-blocking: a FIFO or a device in the directory is an error, not a
+        // hang or an unbounded read.
+        match crate::fsutil::read_regular_file_bounded(&path, MAX_CREDENTIAL_SIZE) {
+            Ok(buf) => Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CredentialError::NotFound {
+                name: name.to_owned(),
+                dir: self.dir.clone().unwrap_or_default(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => Err(CredentialError::TooLarge {
                 name: name.to_owned(),
                 limit: MAX_CREDENTIAL_SIZE,
-            });
+            }),
+            Err(e) => Err(io_err(path, e)),
         }
-        Ok(buf)
     }
 
     /// The exact content of credential `name`, which must be UTF-8.
@@ -340,6 +335,41 @@ mod tests {
                 assert_eq!(path, &d.path().join("sub"));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_is_refused_without_blocking_or_reading_forever() {
+        let (d, c) = creds_with(&[]);
+        let fifo = d.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("zero")).unwrap();
+        // On another thread, so that a blocking open fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((c.read("fifo"), c.read("zero")));
+        });
+        let (fifo, zero) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("reading a FIFO credential blocked");
+        for (e, what) in [
+            (fifo.unwrap_err(), "a FIFO"),
+            (zero.unwrap_err(), "a character device"),
+        ] {
+            match &e {
+                CredentialError::Io { source, .. } => {
+                    assert_eq!(source.kind(), io::ErrorKind::InvalidInput, "{e}");
+                    assert!(source.to_string().contains(what), "{source}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

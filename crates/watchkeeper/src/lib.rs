@@ -77,6 +77,7 @@
 pub mod activation;
 pub mod credentials;
 pub mod env;
+pub mod fsutil;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod logging;
@@ -89,5 +90,6 @@ pub use lifecycle::{Lifecycle, LifecycleError, State};
 pub use notify::{Delivery, Notification, Notifier, NotifyError};
 pub use service::{
     Controller, ReloadError, Service, ServiceBuilder, ServiceError, ShutdownToken, StopReport,
+    TaskFailure, TaskOutput,
 };
-pub use watchdog::{Progress, Watchdog};
+pub use watchdog::{Idle, Progress, Verdict, Watchdog};

@@ -93,6 +93,9 @@ const MAX_BACKOFF: Duration = Duration::from_millis(100);
 struct StatusSlot {
     /// The last status the service set, restored after a watchdog stall or a failed reload.
     own: Option<String>,
+    /// The watchdog's stall report (`stalled: no progress in 'NAME'`), shown before any other
+    /// text while a loop is stalled.
+    stall: Option<String>,
     /// The newest `STATUS=` a full queue refused, for the background retry.
     pending: Option<Notification>,
     /// Whether the background retry runs.
@@ -124,6 +127,17 @@ impl Inner {
     }
 }
 
+impl StatusSlot {
+    /// `text` as `STATUS=` shows it: after the stall report while a loop is stalled.
+    fn shown(&self, text: Option<&str>) -> Option<String> {
+        match (&self.stall, text) {
+            (Some(stall), Some(text)) => Some(format!("{stall} \u{2014} {text}")),
+            (Some(stall), None) => Some(stall.clone()),
+            (None, text) => text.map(str::to_owned),
+        }
+    }
+}
+
 /// Handle on the service's lifecycle; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
@@ -140,7 +154,7 @@ enum WithStatus<'a> {
     /// The service's own text, only if a transient one is showing.
     RestoreOwn,
     /// A text that is not remembered as the service's own.
-    Transient(&'a Notification),
+    Transient(&'a str),
 }
 
 /// How long a state message is retried on a full queue.
@@ -226,8 +240,8 @@ impl Lifecycle {
         &self,
         status: &str,
     ) -> Result<Delivery, LifecycleError> {
-        let st = Notification::status(status)?;
-        self.ready_inner(WithStatus::Transient(&st)).await
+        Notification::status(status)?;
+        self.ready_inner(WithStatus::Transient(status)).await
     }
 
     /// `READY=1` that ends a good reload: with the service's own status only if a transient one
@@ -292,9 +306,34 @@ impl Lifecycle {
     /// was created in); without one, a pending text goes out with the next message that
     /// carries a status.
     pub fn status(&self, text: &str) -> Result<Delivery, LifecycleError> {
-        let msg = Notification::status(text)?;
+        Notification::status(text)?;
         let mut slot = self.inner.slot();
         slot.own = Some(text.to_owned());
+        let shown = slot.shown(Some(text)).unwrap_or_default();
+        let msg = Notification::status(shown)?;
+        self.send_status(slot, msg)
+    }
+
+    /// Shows the watchdog's stall report before the service's own status (`None`: the loops
+    /// recovered, the own status alone comes back). Never waits, as [`Lifecycle::status`].
+    pub(crate) fn set_stall(&self, stall: Option<String>) -> Result<Delivery, LifecycleError> {
+        let mut slot = self.inner.slot();
+        slot.stall = stall;
+        let own = slot.own.clone();
+        let shown = slot
+            .shown(own.as_deref())
+            .unwrap_or_else(|| "running".into());
+        let msg = Notification::status(shown)?;
+        self.send_status(slot, msg)
+    }
+
+    /// Sends `msg` (a `STATUS=`) under the status lock; on a full queue, keeps it for the
+    /// background retry.
+    fn send_status(
+        &self,
+        mut slot: MutexGuard<'_, StatusSlot>,
+        msg: Notification,
+    ) -> Result<Delivery, LifecycleError> {
         match self.inner.notifier.notify(std::slice::from_ref(&msg)) {
             Ok(d) => {
                 slot.pending = None;
@@ -333,12 +372,12 @@ impl Lifecycle {
 
     /// `ERRNO=` and `STATUS=`: the reason for a failure, before the process exits non-zero.
     pub async fn failure(&self, errno: u32, status: &str) -> Result<Delivery, LifecycleError> {
-        let msg = Notification::status(status)?;
+        Notification::status(status)?;
         let _order = self.inner.order.lock().await;
         Ok(self
             .send_state(
                 &Notification::Errno(errno),
-                WithStatus::Transient(&msg),
+                WithStatus::Transient(status),
                 Budget::For(QUEUE_FULL_BUDGET),
             )
             .await?)
@@ -396,9 +435,17 @@ impl Lifecycle {
             WithStatus::RestoreOwn if slot.transient_shown => slot.own.clone(),
             _ => None,
         };
-        let own = own.and_then(|t| Notification::status(t).ok());
+        let own = own
+            .and_then(|t| slot.shown(Some(&t)))
+            .and_then(|t| Notification::status(t).ok());
+        let transient = match status {
+            WithStatus::Transient(t) => slot
+                .shown(Some(t))
+                .and_then(|t| Notification::status(t).ok()),
+            _ => None,
+        };
         let carried = match status {
-            WithStatus::Transient(t) => Some(t),
+            WithStatus::Transient(_) => transient.as_ref(),
             _ => own.as_ref(),
         };
         let d = match carried {

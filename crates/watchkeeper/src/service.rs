@@ -47,7 +47,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt as _, StreamExt as _};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -86,6 +88,15 @@ pub enum ServiceError {
     /// A lifecycle message was refused or lost.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    /// A task started with [`Service::spawn`] or [`Service::spawn_named`] failed (returned an
+    /// error or panicked) while the service ran; see [`ServiceBuilder::on_task_failure`].
+    #[error("task '{task}' failed: {error}")]
+    TaskFailed {
+        /// The task's name (`unnamed task #N` for [`Service::spawn`]).
+        task: String,
+        /// Its error, or the panic's message.
+        error: String,
+    },
     /// The graceful stop did not finish in time.
     #[error(
         "graceful stop did not finish within {timeout:?}: {still_running} task(s) still running{}",
@@ -114,6 +125,39 @@ impl Display for UnfinishedNames<'_> {
     }
 }
 
+/// What a service does when one of its tasks fails (returns an error or panics) while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TaskFailure {
+    /// Stop the service gracefully; [`Service::run`] returns [`ServiceError::TaskFailed`].
+    /// The default.
+    #[default]
+    StopService,
+    /// Keep running without the task: it counts as a dead loop, so the watchdog pings stop
+    /// and the manager's watchdog restarts the service (if it has one). [`Service::run`]
+    /// still returns [`ServiceError::TaskFailed`] when the service stops.
+    KeepRunning,
+}
+
+/// What a task given to [`Service::spawn`] returns: `()`, or `Result<(), E>` where an `Err` is
+/// a failure (see [`TaskFailure`]).
+pub trait TaskOutput: Send + 'static {
+    /// The failure's description, if this output is one.
+    fn failure(&self) -> Option<String>;
+}
+
+impl TaskOutput for () {
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<E: Display + Send + 'static> TaskOutput for Result<(), E> {
+    fn failure(&self) -> Option<String> {
+        self.as_ref().err().map(ToString::to_string)
+    }
+}
+
 /// Builds a [`Service`]. Every setting has a default.
 #[derive(Debug)]
 #[must_use]
@@ -124,9 +168,17 @@ pub struct ServiceBuilder {
     stop_timeout: Duration,
     extend_interval: Duration,
     signals: bool,
+    on_task_failure: TaskFailure,
 }
 
 impl ServiceBuilder {
+    /// What to do when a spawned task fails while the service runs. Default
+    /// [`TaskFailure::StopService`].
+    pub fn on_task_failure(mut self, what: TaskFailure) -> Self {
+        self.on_task_failure = what;
+        self
+    }
+
     /// The environment to use. Default: [`SystemdEnv::from_env`], read once in `build`.
     pub fn env(mut self, env: SystemdEnv) -> Self {
         self.env = Some(env);
@@ -178,10 +230,10 @@ impl ServiceBuilder {
             other => other?,
         };
         let notifier = Arc::new(notifier);
-        let watchdog = Watchdog::new(env.watchdog(std::process::id())?);
+        let shutdown = CancellationToken::new();
+        let watchdog = Watchdog::with_shutdown(env.watchdog(std::process::id())?, shutdown.clone());
         let lifecycle =
             Lifecycle::with_bounds(notifier.clone(), self.start_timeout, self.stop_timeout);
-        let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let control = Control {
             stop: Arc::new(StopState {
@@ -194,12 +246,15 @@ impl ServiceBuilder {
             shutdown: shutdown.clone(),
             reload_tx,
             runtime: rt.clone(),
+            failure: Arc::new(Mutex::new(None)),
+            on_task_failure: self.on_task_failure,
         };
 
         let keeper = {
             let notifier = notifier.clone();
             let lc = lifecycle.clone();
             rt.spawn(watchdog.clone().keep(
+                lifecycle.subscribe(),
                 move |msgs| {
                     notifier.notify(msgs).map(drop).inspect_err(|e| {
                         if !matches!(e, NotifyError::QueueFull { .. }) {
@@ -208,15 +263,10 @@ impl ServiceBuilder {
                     })
                 },
                 move |stalled| {
-                    let text = match stalled {
-                        Some(names) => format!("stalled: no progress in {}", Names(names)),
-                        None => lc.last_status().unwrap_or_else(|| "running".into()),
-                    };
-                    if let Ok(msg) = Notification::status(text) {
-                        let _ = lc.notifier().notify(&[msg]).inspect_err(|e| {
-                            lc.notifier().log_failure("STATUS", e);
-                        });
-                    }
+                    let stall =
+                        stalled.map(|names| format!("stalled: no progress in {}", Names(names)));
+                    // Never waits; failures are logged by the lifecycle.
+                    let _ = lc.set_stall(stall);
                 },
             ))
         };
@@ -413,9 +463,44 @@ struct Control {
     shutdown: CancellationToken,
     reload_tx: mpsc::Sender<ReloadRequest>,
     runtime: tokio::runtime::Handle,
+    /// The first task failure: (task, error).
+    failure: Arc<Mutex<Option<(String, String)>>>,
+    on_task_failure: TaskFailure,
 }
 
 impl Control {
+    /// A spawned task failed: remembered for [`Service::run`]'s result, and acted on. An error
+    /// returned once the stop has begun is only logged (it is often the stop's own doing, e.g.
+    /// a request refused because the service stops); a panic always counts.
+    fn task_failed(&self, task: String, error: String, panicked: bool) {
+        let stopping = self.stop.started.load(Ordering::SeqCst) || self.shutdown.is_cancelled();
+        if stopping && !panicked {
+            tracing::warn!(task = %task, error = %error, "task ended with an error during the stop");
+            return;
+        }
+        tracing::error!(task = %task, error = %error, "task failed");
+        {
+            let mut first = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+            if first.is_none() {
+                *first = Some((task.clone(), error));
+            }
+        }
+        if stopping {
+            return;
+        }
+        match self.on_task_failure {
+            TaskFailure::StopService => self.begin_stop("a task failed"),
+            TaskFailure::KeepRunning => self.watchdog.mark_dead(task),
+        }
+    }
+
+    fn first_failure(&self) -> Option<(String, String)> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     async fn handle_signals(self, mut signals: signal_hook_tokio::Signals) {
         while let Some(sig) = signals.next().await {
             match sig {
@@ -651,6 +736,7 @@ impl Service {
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             extend_interval: DEFAULT_EXTEND_INTERVAL,
             signals: true,
+            on_task_failure: TaskFailure::default(),
         }
     }
 
@@ -674,7 +760,9 @@ impl Service {
         &self.control.watchdog
     }
 
-    /// Registers a work loop with the watchdog; see [`Progress`].
+    /// Registers a work loop with the watchdog; see [`Progress`]. Keep the handle while the
+    /// loop runs: dropping it while the service is not stopping reports the loop as dead.
+    #[must_use = "dropping the Progress reports the loop as dead"]
     pub fn register_loop(&self, name: impl Into<String>) -> Progress {
         self.control.watchdog.register(name)
     }
@@ -686,22 +774,35 @@ impl Service {
 
     /// Spawns a task that the graceful stop waits for. Prefer [`Service::spawn_named`]: a stop
     /// that times out names the tasks it waited for in vain.
+    ///
+    /// The task returns `()` or `Result<(), E>`. If it returns an error or panics, the service
+    /// acts as [`ServiceBuilder::on_task_failure`] says, and [`Service::run`] returns
+    /// [`ServiceError::TaskFailed`] instead of a graceful stop. The returned handle gives the
+    /// task's output (a panic stays a panic for it).
     pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
-        F::Output: Send + 'static,
+        F::Output: TaskOutput,
     {
-        self.tracker.spawn(task)
+        let id = self.named.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.tracker.spawn(watch_task(
+            format!("unnamed task #{id}"),
+            self.control.clone(),
+            task,
+        ))
     }
 
     /// Spawns a task that the graceful stop waits for, under a name: if the stop times out,
-    /// [`ServiceError::StopTimeout`] lists the names of the tasks still running.
+    /// [`ServiceError::StopTimeout`] lists the names of the tasks still running, and a failure
+    /// names it too (see [`Service::spawn`]).
     pub fn spawn_named<F>(&self, name: impl Into<String>, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
-        F::Output: Send + 'static,
+        F::Output: TaskOutput,
     {
-        let guard = self.named.enter(name.into());
+        let name = name.into();
+        let guard = self.named.enter(name.clone());
+        let task = watch_task(name, self.control.clone(), task);
         self.tracker.spawn(async move {
             let _guard = guard;
             task.await
@@ -918,6 +1019,10 @@ impl Service {
         let mut next_extend = Some(started);
         loop {
             if tasks_done && stopping_out {
+                if let Some((task, error)) = self.control.first_failure() {
+                    tracing::error!(task = %task, "stopped after a task failed");
+                    return Err(ServiceError::TaskFailed { task, error });
+                }
                 let drained_in = started.elapsed();
                 tracing::info!(?drained_in, "stopped gracefully");
                 return Ok(StopReport { drained_in });
@@ -964,6 +1069,32 @@ impl Service {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Runs `task`, reporting a failure (an error it returns, or a panic) to the service.
+async fn watch_task<F>(what: String, control: Control, task: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: TaskOutput,
+{
+    match AssertUnwindSafe(task).catch_unwind().await {
+        Ok(out) => {
+            if let Some(error) = out.failure() {
+                control.task_failed(what, error, false);
+            }
+            out
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            control.task_failed(what, format!("panicked: {msg}"), true);
+            // The task's own handle still sees the panic, as with tokio::spawn.
+            std::panic::resume_unwind(panic)
         }
     }
 }

@@ -64,24 +64,23 @@ impl BrokerShared {
                 self.changed.notify_all();
                 return None;
             }
-            Request::Complete { id, .. } if state.refuse_complete.remove(&id) => Response::Error {
-                error: format!("job {id} is not leased to you (lease expired)"),
-            },
+            Request::Complete { id, .. } if state.refuse_complete.remove(&id) => {
+                Response::error(format!("job {id} is not leased to you (lease expired)"))
+            }
             Request::Renew { id, .. } | Request::Complete { id, .. }
                 if state.lease_lost.contains(&id) =>
             {
-                Response::Error {
-                    error: format!("job {id} is not leased to you"),
-                }
+                Response::error(format!("job {id} is not leased to you"))
             }
             Request::Renew { .. }
             | Request::Complete { .. }
             | Request::Deny { .. }
             | Request::Quarantine { .. }
             | Request::Release { .. } => Response::Done,
-            Request::Submit { .. } | Request::Stats | Request::Reload => Response::Error {
-                error: "not supported by the fake broker".into(),
-            },
+            Request::Submit { .. }
+            | Request::CompleteAndClaim { .. }
+            | Request::Stats
+            | Request::Reload => Response::error("not supported by the fake broker"),
         };
         drop(state);
         self.changed.notify_all();
@@ -247,9 +246,7 @@ async fn serve(stream: UnixStream, shared: Arc<BrokerShared>, stop: Cancellation
                 Some(response) => response,
                 None => return,
             },
-            Err(e) => Response::Error {
-                error: e.to_string(),
-            },
+            Err(e) => Response::error(e.to_string()),
         };
         let mut out = serde_json::to_vec(&response).unwrap();
         out.push(b'\n');
@@ -341,7 +338,18 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(manager: &FakeManager, watchdog: Option<Duration>, args: &[String]) -> Self {
+        Self::start_with_env(manager, watchdog, args, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables.
+    pub fn start_with_env(
+        manager: &FakeManager,
+        watchdog: Option<Duration>,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let mut cmd = manager.command(env!("CARGO_BIN_EXE_watchkeeper-worker"), watchdog);
+        cmd.envs(env.iter().copied());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("WATCHKEEPER_") {
                 cmd.env_remove(k);
