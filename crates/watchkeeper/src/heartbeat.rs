@@ -228,7 +228,7 @@ fn check_counter_name(name: &str) -> Result<(), CounterNameError> {
 /// [`add_counter`](Self::add_counter), and are written as top-level integer fields. New
 /// optional fields may be added in minor releases (the struct is `#[non_exhaustive]`): build
 /// one with [`Heartbeat::new`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Heartbeat {
     /// The format of this document; [`FORMAT_VERSION`] when written by this library.
@@ -249,6 +249,48 @@ pub struct Heartbeat {
     pub extra: BTreeMap<String, serde_json::Value>,
     /// Named counters, written as top-level fields in name order.
     counters: BTreeMap<String, u64>,
+}
+
+impl Clone for Heartbeat {
+    fn clone(&self) -> Self {
+        Heartbeat {
+            format_version: self.format_version,
+            service: self.service.clone(),
+            pid: self.pid,
+            invocation_id: self.invocation_id.clone(),
+            started_unix: self.started_unix,
+            timestamp_unix: self.timestamp_unix,
+            health_status: self.health_status,
+            extra: self.extra.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Reuses the allocations of `self`: a loop that hands over the same service, counters and
+    /// `extra` keys every cycle copies values only ([`CoalescingHeartbeat::update`] relies on it).
+    fn clone_from(&mut self, source: &Self) {
+        self.format_version = source.format_version;
+        self.service.clone_from(&source.service);
+        self.pid = source.pid;
+        self.invocation_id.clone_from(&source.invocation_id);
+        self.started_unix = source.started_unix;
+        self.timestamp_unix = source.timestamp_unix;
+        self.health_status = source.health_status;
+        clone_map_from(&mut self.extra, &source.extra);
+        clone_map_from(&mut self.counters, &source.counters);
+    }
+}
+
+/// `dst.clone_from(src)` that keeps `dst`'s nodes when both have the same keys (std's
+/// `BTreeMap` rebuilds the whole map).
+fn clone_map_from<V: Clone>(dst: &mut BTreeMap<String, V>, src: &BTreeMap<String, V>) {
+    if dst.len() == src.len() && dst.keys().zip(src.keys()).all(|(a, b)| a == b) {
+        for (d, s) in dst.values_mut().zip(src.values()) {
+            d.clone_from(s);
+        }
+    } else {
+        *dst = src.clone();
+    }
 }
 
 /// The document as written: the counters sit between `timestamp_unix` and `health_status`, so
@@ -1268,6 +1310,20 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
         assert_eq!(read_at(&path, T0).unwrap().heartbeat, Some(sample()));
+    }
+
+    #[test]
+    fn clone_from_copies_everything() {
+        let mut a = Heartbeat::new("other", &SystemdEnv::default());
+        a.clone_from(&sample());
+        assert_eq!(a, sample());
+        // Same keys: values are copied in place.
+        let mut b = sample();
+        b.set_counter("cycle_count", 99).unwrap();
+        b.extra.insert("queue".into(), serde_json::json!("x"));
+        a.clone_from(&b);
+        assert_eq!(a, b);
+        assert_eq!(a.clone(), b);
     }
 
     #[test]
