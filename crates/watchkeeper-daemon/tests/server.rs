@@ -253,6 +253,48 @@ async fn complete_and_claim_reports_and_hands_out_the_next_job_in_one_round_trip
 }
 
 #[tokio::test]
+async fn a_job_comes_back_byte_for_byte_and_unknown_or_missing_fields_are_errors() {
+    let server = Server::start().await;
+    let mut raw = server.raw().await;
+    let job = r#"{"command":["echo"],  "big":18446744073709551616123,"f":1.10,"b":{"z":1,"a":2}}"#;
+    let submitted = raw
+        .call(format!("{{\"op\":\"submit\",\"job\":{job}}}\n").as_bytes())
+        .await;
+    assert!(
+        matches!(submitted, Response::Submitted { .. }),
+        "{submitted:?}"
+    );
+    raw.send(b"{\"op\":\"claim\",\"worker\":\"w\"}\n").await;
+    let mut line = String::new();
+    raw.reader.read_line(&mut line).await.unwrap();
+    assert!(line.contains(&format!(r#""spec":{job},"#)), "{line}");
+    // Through the client, from text.
+    let mut c = server.client().await;
+    let text =
+        serde_json::value::RawValue::from_string(r#"{"n":123456789012345678901234567890}"#.into())
+            .unwrap();
+    assert!(c.submit_raw(&text).await.is_ok());
+
+    for (bad, problem) in [
+        (r#"{"op":"ping","extra":1}"#, "unknown field `extra`"),
+        (r#"{"op":"reload","force":true}"#, "unknown field `force`"),
+        (r#"{"op":"stats","x":null}"#, "unknown field `x`"),
+        (
+            r#"{"op":"complete","id":1,"worker":"w"}"#,
+            "missing field `exit_code`",
+        ),
+    ] {
+        let response = raw.call(format!("{bad}\n").as_bytes()).await;
+        let error = error_text(&response);
+        assert!(
+            error.starts_with("invalid request: ") && error.contains(problem),
+            "{bad}: {error}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_report_from_the_wrong_worker_is_refused_with_the_reason() {
     let server = Server::start().await;
     let mut c = server.client().await;
