@@ -192,26 +192,7 @@ async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonErr
         _ => None,
     };
 
-    let max_attempts = config.max_attempts;
-    let (store, stats) = tokio::task::spawn_blocking(move || {
-        let mut store = Store::open_in(&state_dir)?;
-        let expired = store.sweep(max_attempts, now_ms())?;
-        let stats = store.stats()?;
-        tracing::info!(
-            path = %store.path().display(),
-            expired_leases = expired.len(),
-            "job store open"
-        );
-        Ok::<_, StoreError>((store, stats))
-    })
-    .await
-    .map_err(|source| StoreError::Task {
-        op: "open the store".into(),
-        source,
-    })
-    .and_then(|opened| opened)
-    .map_err(DaemonError::Store)?;
-
+    // The socket first: a daemon that cannot listen must not create or touch its store.
     let (listener, socket_file, listening_on) = match socket_path {
         None => {
             let listener = listener::from_activation(fds)
@@ -232,6 +213,26 @@ async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonErr
             (listener, Some(file), path.display().to_string())
         }
     };
+    let max_attempts = config.max_attempts;
+    let (store, stats) = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open_in(&state_dir)?;
+        let expired = store.sweep(max_attempts, now_ms())?;
+        let stats = store.stats()?;
+        tracing::info!(
+            path = %store.path().display(),
+            expired_leases = expired.len(),
+            "job store open"
+        );
+        Ok::<_, StoreError>((store, stats))
+    })
+    .await
+    .map_err(|source| StoreError::Task {
+        op: "open the store".into(),
+        source,
+    })
+    .and_then(|opened| opened)
+    .map_err(DaemonError::Store)?;
+
     Ok(Started {
         listener,
         socket_file,

@@ -201,6 +201,63 @@ pub struct JobRecord {
     pub exit_code: Option<i32>,
 }
 
+/// Reads an existing database file's header (the first 100 bytes, read-only, before any SQLite
+/// connection exists) and refuses a file that is not an SQLite database or whose schema
+/// version (`PRAGMA user_version`, big-endian at offset 60) is newer than ours. A missing or
+/// empty file passes: it is about to be created.
+///
+/// The header can be behind the `-wal` file of a daemon that crashed; the version is checked
+/// again, on the open connection, before any change.
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read as _;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::CreateFile {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let not_db = |why: &str| StoreError::NotADatabase {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    };
+    let meta = file.metadata().map_err(|source| StoreError::CreateFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(not_db("not a regular file"));
+    }
+    let mut header = Vec::with_capacity(100);
+    (&mut file)
+        .take(100)
+        .read_to_end(&mut header)
+        .map_err(|source| StoreError::CreateFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    if header.is_empty() {
+        return Ok(());
+    }
+    if header.len() < 100 || !header.starts_with(b"SQLite format 3\0") {
+        return Err(not_db("no SQLite header"));
+    }
+    let found = i64::from(u32::from_be_bytes([
+        header[60], header[61], header[62], header[63],
+    ]));
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::UnknownSchema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
 /// A job handed to a worker, its spec as the JSON text it was submitted as.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -263,6 +320,14 @@ pub enum StoreError {
         /// SQLite's error.
         #[source]
         source: rusqlite::Error,
+    },
+    /// The file exists and is not an SQLite database.
+    #[error("{path} is not an SQLite database ({why}); leaving it alone")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
     },
     /// WAL mode could not be enabled (e.g. a file system without shared memory support).
     #[error("{path}: journal_mode is {mode:?} after asking for WAL")]
@@ -476,7 +541,12 @@ impl Store {
 
     /// Opens (or creates) the database at `path`: WAL, `synchronous=FULL`, [`BUSY_TIMEOUT`],
     /// and the schema created or checked.
+    ///
+    /// An existing file is checked before SQLite touches it: a file that is not an SQLite
+    /// database, or one with a newer schema version than [`SCHEMA_VERSION`], is refused
+    /// without a byte of it (or a `-wal`/`-shm` file next to it) changing.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        check_header(path)?;
         // Create the file ourselves, 0600: job specs are commands. SQLite gives its -wal and
         // -shm files the database file's mode.
         std::fs::OpenOptions::new()
@@ -1311,6 +1381,34 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(FILE_NAME)), 0o600);
+    }
+
+    #[test]
+    fn a_newer_schema_in_wal_mode_is_refused_without_a_byte_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // A newer daemon's file: rollback journal (as a version we do not know may use),
+        // user_version above ours.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE future (x); INSERT INTO future VALUES (1);")
+            .unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let before = std::fs::read(&path).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::UnknownSchema { .. }), "{e}");
+        assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME], "files appeared next to it");
+        // Not a database at all: untouched too.
+        std::fs::write(&path, b"precious notes").unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::NotADatabase { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious notes");
     }
 
     #[test]

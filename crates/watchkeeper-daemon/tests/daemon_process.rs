@@ -655,3 +655,40 @@ fn sigterm_during_the_start_is_a_clean_stop() {
     manager.check_stopped_cleanly().unwrap();
     assert!(!dirs.socket().exists(), "socket file left behind");
 }
+
+#[test]
+fn an_unusable_socket_path_fails_the_start_before_the_store_is_created_and_leaves_no_lock() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    std::fs::create_dir_all(dirs.socket().parent().unwrap()).unwrap();
+    std::fs::write(dirs.socket(), "not a socket").unwrap();
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("exists and is not a socket"), "{log}");
+    assert!(!dirs.state().exists(), "the store was created: {log}");
+    let lock = PathBuf::from(format!("{}.lock", dirs.socket().display()));
+    assert!(!lock.exists(), "{} left behind", lock.display());
+    assert_eq!(
+        std::fs::read_to_string(dirs.socket()).unwrap(),
+        "not a socket"
+    );
+}
+
+#[test]
+fn a_clean_stop_leaves_no_lock_file() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    manager
+        .wait_for("READY=1", DEADLINE, |r| r.has("READY", "1"))
+        .unwrap();
+    daemon.signal(Signal::TERM);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!dirs.socket().exists());
+    let lock = PathBuf::from(format!("{}.lock", dirs.socket().display()));
+    assert!(!lock.exists(), "{} left behind", lock.display());
+}
