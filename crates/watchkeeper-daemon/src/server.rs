@@ -586,6 +586,45 @@ pub async fn accept_loop_with_counts(
     connections.wait().await;
 }
 
+/// The accept loop of a daemon whose configuration is broken (socket-activated; see
+/// `PROTOCOL.md`): every connection is answered `unavailable: configuration error: WHY` and
+/// closed, until `stop` is cancelled. Ticks `progress` like [`accept_loop`].
+pub async fn config_error_loop(
+    listener: UnixListener,
+    why: String,
+    stop: CancellationToken,
+    progress: Progress,
+) {
+    let connections = TaskTracker::new();
+    let response = unavailable(&format!("configuration error: {why}"));
+    let mut idle = tokio::time::interval(ACCEPT_TICK);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let response = response.clone();
+                    connections.spawn(async move { answer_and_close(stream, &response).await });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+            _ = idle.tick() => {}
+        }
+        progress.tick();
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
 /// Answers a connection beyond the cap, when no open one can be shed.
 async fn refuse_busy(mut stream: UnixStream, cap: usize) {
     let response = unavailable(&format!(
@@ -699,12 +738,18 @@ async fn serve_connection(
 /// the stream), and reads and drops what the client sends until the client closes, at most
 /// [`REFUSAL_LINGER`] and [`MAX_LINE`] bytes, before closing.
 async fn refuse(stream: UnixStream, error: String) {
-    let (mut read, mut write) = stream.into_split();
     let response = Response::Error {
         error,
         code: Some(ErrorCode::NotAllowed),
     };
-    if write_response(&mut write, &response).await.is_err() {
+    answer_and_close(stream, &response).await;
+}
+
+/// Writes `response`, shuts down the sending side, and drains what the client sends (at
+/// most [`REFUSAL_LINGER`], [`MAX_LINE`] bytes) before closing: see [`refuse`].
+async fn answer_and_close(stream: UnixStream, response: &Response) {
+    let (mut read, mut write) = stream.into_split();
+    if write_response(&mut write, response).await.is_err() {
         return;
     }
     let _ = write.shutdown().await;

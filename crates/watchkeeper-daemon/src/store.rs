@@ -1161,6 +1161,7 @@ pub struct SharedStore {
     ops: std::sync::mpsc::Sender<Op>,
     pending: Arc<AtomicUsize>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    trouble: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Counts a call from its start until its result is handed back (or it is dropped unrun).
@@ -1198,6 +1199,7 @@ impl SharedStore {
             ops,
             pending: Arc::new(AtomicUsize::new(0)),
             commits,
+            trouble: Arc::default(),
         }
     }
 
@@ -1226,10 +1228,30 @@ impl SharedStore {
                 let _ = tx.send(result);
             })
         });
-        if self.ops.send(job).is_err() {
-            return Err(StoreError::Lost { op });
+        let result = if self.ops.send(job).is_err() {
+            Err(StoreError::Lost { op })
+        } else {
+            rx.await.unwrap_or_else(|_| Err(StoreError::Lost { op }))
+        };
+        let mut trouble = self
+            .trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &result {
+            Err(e) if !e.is_refusal() => *trouble = Some(crate::error_chain(e)),
+            Ok(_) if trouble.is_some() => *trouble = None,
+            _ => {}
         }
-        rx.await.map_err(|_| StoreError::Lost { op })?
+        result
+    }
+
+    /// The failure of the last call, if it failed (not a refusal): cleared by the next call
+    /// that succeeds. For `STATUS=`.
+    pub fn trouble(&self) -> Option<String> {
+        self.trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Calls started and not yet answered, the running ones included: for diagnostics and
