@@ -69,6 +69,8 @@ pub(crate) struct Supervision {
     pub(crate) progress: Progress,
     pub(crate) stop: CancellationToken,
     pub(crate) heartbeat: WorkerHeartbeat,
+    /// To stop the service when the daemon refuses the worker for good.
+    pub(crate) controller: Option<watchkeeper::service::Controller>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -150,6 +152,8 @@ pub(crate) struct PollLoop {
     counters: Counters,
     stopping: Option<Stopping>,
     last_status: Option<String>,
+    /// Why the worker stops itself: a permanent refusal by the daemon.
+    fatal: Option<String>,
 }
 
 impl PollLoop {
@@ -173,11 +177,14 @@ impl PollLoop {
             counters: Counters::default(),
             stopping: None,
             last_status: None,
+            fatal: None,
         }
     }
 
     /// Runs until the service stops and nothing is left to do (or to report within the bound).
-    pub(crate) async fn run(mut self) {
+    /// Returns why it stopped the service itself, if it did: the daemon refused the worker for
+    /// good (a permanent error, see [`ClientError::is_permanent`]).
+    pub(crate) async fn run(mut self) -> Option<String> {
         if let Some(delay) = self.settings.drills.slow_start {
             self.slow_start(delay).await;
         }
@@ -198,6 +205,12 @@ impl PollLoop {
                 std::process::abort();
             }
             self.cycle().await;
+            if self.fatal.is_some() && self.stopping.is_none() {
+                if let Some(controller) = &self.sup.controller {
+                    controller.request_shutdown().await;
+                }
+                self.begin_stop();
+            }
             self.sup.heartbeat.next_cycle();
             self.sup.progress.tick();
             self.publish().await;
@@ -206,6 +219,22 @@ impl PollLoop {
             }
         }
         self.finish().await;
+        self.fatal.take()
+    }
+
+    /// The daemon refused the worker in a way no retry can change (its uid is not allowed, the
+    /// socket cannot be used): no more connections, and the worker stops (exit 78).
+    fn permanent(&mut self, e: &ClientError) {
+        let text = match e {
+            ClientError::NotAllowed { reason, .. } => format!("refused by the daemon: {reason}"),
+            other => format!("cannot use the daemon's socket: {}", crate::chain(other)),
+        };
+        tracing::error!("{text}; stopping (a restart would not help)");
+        self.client = None;
+        self.daemon_error = Some(text.clone());
+        // Never again: the stop below ends the loop.
+        self.next_connect = Instant::now() + Duration::from_secs(86_400);
+        self.fatal.get_or_insert(text);
     }
 
     /// The slow-start drill: waits `delay` before the first connection, asking the manager for
@@ -384,6 +413,7 @@ impl PollLoop {
                     }
                 }
             }
+            Ok(Err(e)) if e.is_permanent() => self.permanent(&e),
             Ok(Err(e)) => self.unreachable(crate::chain(&e)),
             Err(_) => self.unreachable(format!(
                 "{}: no answer to ping within {limit:?}",
@@ -445,6 +475,10 @@ impl PollLoop {
         match result {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(ClientError::Refused { error, .. })) => Err(CallError::Refused(error)),
+            Ok(Err(e)) if e.is_permanent() => {
+                self.permanent(&e);
+                Err(CallError::Lost)
+            }
             Ok(Err(e)) => {
                 self.unreachable(crate::chain(&e));
                 Err(CallError::Lost)
@@ -906,6 +940,7 @@ mod tests {
                 None,
             )
             .unwrap(),
+            controller: None,
         };
         (PollLoop::new(settings, sup), service)
     }

@@ -34,6 +34,11 @@ struct BrokerState {
     hang_up_on_complete: HashSet<u64>,
     /// `renew` and `complete` for these ids are refused ("lease lost").
     lease_lost: HashSet<u64>,
+    /// Every connection gets this refusal line at once and is closed, as the daemon answers a
+    /// uid it does not allow.
+    refuse_connections: Option<String>,
+    /// Connections refused so far.
+    refused_connections: usize,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +187,17 @@ impl Broker {
         self.shared.lock().refuse_complete.insert(id);
     }
 
+    /// From now on every connection is answered with `error` (code `not_allowed`) and closed
+    /// at once, as the daemon does for a uid it does not allow.
+    pub fn refuse_connections(&self, error: &str) {
+        self.shared.lock().refuse_connections = Some(error.to_owned());
+    }
+
+    /// How many connections were refused.
+    pub fn refused_connections(&self) -> usize {
+        self.shared.lock().refused_connections
+    }
+
     /// From now on, `renew` and `complete` of job `id` are refused: its lease is lost.
     pub fn lose_lease(&self, id: u64) {
         self.shared.lock().lease_lost.insert(id);
@@ -234,6 +250,25 @@ impl Drop for Broker {
 
 async fn serve(stream: UnixStream, shared: Arc<BrokerShared>, stop: CancellationToken) {
     let (r, mut w) = stream.into_split();
+    let refusal = {
+        let mut state = shared.lock();
+        let refusal = state.refuse_connections.clone();
+        if refusal.is_some() {
+            state.refused_connections += 1;
+        }
+        refusal
+    };
+    if let Some(error) = refusal {
+        shared.changed.notify_all();
+        let response = Response::Error {
+            error,
+            code: Some(watchkeeper_jobs::ErrorCode::NotAllowed),
+        };
+        let mut out = serde_json::to_vec(&response).unwrap();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+        return;
+    }
     let mut lines = BufReader::new(r).lines();
     loop {
         let line = tokio::select! {
