@@ -154,6 +154,8 @@ pub(crate) struct PollLoop {
     last_status: Option<String>,
     /// Why the worker stops itself: a permanent refusal by the daemon.
     fatal: Option<String>,
+    /// The daemon answers `complete_and_claim` (false after it did not know it).
+    combined_supported: bool,
 }
 
 impl PollLoop {
@@ -178,6 +180,7 @@ impl PollLoop {
             stopping: None,
             last_status: None,
             fatal: None,
+            combined_supported: true,
         }
     }
 
@@ -527,28 +530,97 @@ impl PollLoop {
         while self.client.is_some()
             && let Some(req) = self.unreported.front().cloned()
         {
+            if let Some(done) = self.complete_and_claim(&req).await {
+                if done {
+                    continue;
+                }
+                break;
+            }
             match self.call_done(&req).await {
                 Ok(()) => {
                     self.unreported.pop_front();
                     tracing::info!(job = job_id(&req), op = op(&req), "reported");
                 }
-                Err(CallError::Refused(error)) => {
-                    self.unreported.pop_front();
-                    tracing::warn!(
-                        job = job_id(&req),
-                        op = op(&req),
-                        %error,
-                        "the daemon refused the outcome (the lease may have expired); dropping it"
-                    );
-                    if let Request::Complete { id, exit_code, .. } = req {
-                        if self.refused.len() == REMEMBERED_REFUSALS {
-                            self.refused.pop_front();
-                        }
-                        self.refused.push_back((id, exit_code));
-                    }
-                }
+                Err(CallError::Refused(error)) => self.outcome_refused(&req, &error),
                 Err(CallError::Lost) => break,
             }
+        }
+    }
+
+    /// The daemon refused the outcome at the front of the queue: it is dropped, and a job that
+    /// ran here is remembered, so that it is reported, not run again, if it comes back.
+    fn outcome_refused(&mut self, req: &Request, error: &str) {
+        self.unreported.pop_front();
+        tracing::warn!(
+            job = job_id(req),
+            op = op(req),
+            %error,
+            "the daemon refused the outcome (the lease may have expired); dropping it"
+        );
+        if let Request::Complete { id, exit_code, .. } = req {
+            if self.refused.len() == REMEMBERED_REFUSALS {
+                self.refused.pop_front();
+            }
+            self.refused.push_back((*id, *exit_code));
+        }
+    }
+
+    /// Reports a job's outcome and claims the next one in one round trip (one commit in the
+    /// daemon), when the outcome is the only one held and the worker would claim next anyway.
+    /// `None`: not applicable, report `req` alone; `Some(true)`: reported (and the next job,
+    /// if any, dispatched); `Some(false)`: the connection was lost.
+    async fn complete_and_claim(&mut self, req: &Request) -> Option<bool> {
+        let Request::Complete {
+            id,
+            worker,
+            exit_code,
+        } = req
+        else {
+            return None;
+        };
+        let would_claim = self.combined_supported
+            && self.unreported.len() == 1
+            && self.running.is_none()
+            && self.stopping.is_none()
+            && !self.sup.stop.is_cancelled();
+        if !would_claim {
+            return None;
+        }
+        let combined = Request::CompleteAndClaim {
+            id: *id,
+            worker: worker.clone(),
+            exit_code: *exit_code,
+        };
+        match self.call(&combined).await {
+            Ok(Response::Job { job }) => {
+                self.unreported.pop_front();
+                tracing::info!(job = id, op = "complete", "reported");
+                match job {
+                    Some(job) => self.dispatch(job),
+                    None => {
+                        // The claim is answered: nothing queued. Poll again after the interval.
+                        self.again = false;
+                        self.next_poll = Instant::now() + self.settings.poll_interval;
+                    }
+                }
+                Some(true)
+            }
+            Ok(other) => {
+                self.unreachable(format!("unexpected answer {other:?} to complete_and_claim"));
+                Some(false)
+            }
+            // A daemon that predates the request: report alone, from now on.
+            Err(CallError::Refused(error)) if error.contains("unknown variant") => {
+                tracing::info!(%error, "the daemon has no complete_and_claim; reporting alone");
+                self.combined_supported = false;
+                None
+            }
+            // Refused like a `complete` (nothing was claimed): never offered twice.
+            Err(CallError::Refused(error)) => {
+                self.outcome_refused(req, &error);
+                Some(true)
+            }
+            Err(CallError::Lost) => Some(false),
         }
     }
 

@@ -52,7 +52,9 @@ fn a_job_whose_lease_is_lost_is_killed_with_its_process_group() {
     assert_eq!(
         count(&received, |r| matches!(
             r,
-            Request::Complete { id: 1, .. } | Request::Release { id: 1, .. }
+            Request::Complete { id: 1, .. }
+                | Request::CompleteAndClaim { id: 1, .. }
+                | Request::Release { id: 1, .. }
         )),
         0,
         "{received:#?}"

@@ -39,6 +39,8 @@ struct BrokerState {
     refuse_connections: Option<String>,
     /// Connections refused so far.
     refused_connections: usize,
+    /// Answers `complete_and_claim` as a daemon that predates it does.
+    old_daemon: bool,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +59,29 @@ impl BrokerShared {
     fn handle(&self, req: Request) -> Option<Response> {
         let mut state = self.lock();
         state.received.push(req.clone());
+        // `complete_and_claim` is a `complete`, then (if it was done) a `claim`, as in the daemon.
+        let (req, and_claim) = match req {
+            Request::CompleteAndClaim { .. } if state.old_daemon => {
+                drop(state);
+                self.changed.notify_all();
+                return Some(Response::error(
+                    "invalid request: unknown variant `complete_and_claim`, expected one of `ping`, `claim`",
+                ));
+            }
+            Request::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            } => (
+                Request::Complete {
+                    id,
+                    worker,
+                    exit_code,
+                },
+                true,
+            ),
+            other => (other, false),
+        };
         let response = match req {
             Request::Ping => Response::Pong {
                 version: "fake-broker".into(),
@@ -86,6 +111,13 @@ impl BrokerShared {
             | Request::CompleteAndClaim { .. }
             | Request::Stats
             | Request::Reload => Response::error("not supported by the fake broker"),
+        };
+        let response = if and_claim && response == Response::Done {
+            Response::Job {
+                job: state.queue.pop_front(),
+            }
+        } else {
+            response
         };
         drop(state);
         self.changed.notify_all();
@@ -193,6 +225,12 @@ impl Broker {
         self.shared.lock().refuse_connections = Some(error.to_owned());
     }
 
+    /// From now on `complete_and_claim` is refused as an unknown request, as by an older
+    /// daemon.
+    pub fn without_complete_and_claim(&self) {
+        self.shared.lock().old_daemon = true;
+    }
+
     /// How many connections were refused.
     pub fn refused_connections(&self) -> usize {
         self.shared.lock().refused_connections
@@ -294,9 +332,15 @@ async fn serve(stream: UnixStream, shared: Arc<BrokerShared>, stop: Cancellation
 // ---------------------------------------------------------------------------------------------
 // Matching requests
 
+/// The exit code reported for `job` by `req`: a `complete` or a `complete_and_claim`.
 pub fn is_complete(req: &Request, job: u64) -> Option<Option<i32>> {
     match req {
-        Request::Complete { id, exit_code, .. } if *id == job => Some(*exit_code),
+        Request::Complete { id, exit_code, .. }
+        | Request::CompleteAndClaim { id, exit_code, .. }
+            if *id == job =>
+        {
+            Some(*exit_code)
+        }
         _ => None,
     }
 }
