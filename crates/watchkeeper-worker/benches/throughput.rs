@@ -24,7 +24,7 @@ use watchkeeper_testkit::{ChildExt as _, FakeManager};
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 /// For all the jobs of one run to complete, whatever N (a stuck worker ends the bench).
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
-const STATS_EVERY: Duration = Duration::from_millis(5);
+const STATS_EVERY: Duration = Duration::from_millis(50);
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
