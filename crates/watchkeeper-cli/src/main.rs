@@ -4,6 +4,7 @@
 
 mod app;
 mod cli;
+mod doctor;
 mod exit;
 mod hb;
 mod install;
