@@ -3,6 +3,7 @@
 //! ([`exit`]).
 
 mod app;
+mod backup;
 mod cli;
 mod doctor;
 mod exit;
