@@ -46,7 +46,7 @@ fn snapshot_ids(path: &Path) -> Result<Vec<u64>> {
         let v: serde_json::Value =
             serde_json::from_str(&spec).with_context(|| format!("job {id}: {spec}"))?;
         ensure!(
-            v["command"][0] == "echo" && v["command"][1] == id.to_string(),
+            v["command"][0] == "echo" && v["command"][1].as_str() == Some(id.to_string().as_str()),
             "job {id}: {spec}"
         );
         ensure!(
