@@ -58,7 +58,12 @@ async fn failed_reload_with_a_multi_line_error_still_ends_with_ready() {
         ready.get("STATUS"),
         Some("reload failed: config.toml:3:1: expected `=`   | 3 | oops")
     );
-    assert_eq!(lifecycle.state(), State::Ready);
+    // The state changes right after the datagram goes out: wait for it, bounded.
+    let mut state = lifecycle.subscribe();
+    tokio::time::timeout(WAIT, state.wait_for(|s| *s == State::Ready))
+        .await
+        .unwrap()
+        .unwrap();
     controller.request_shutdown().await;
     run.await.unwrap().unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
