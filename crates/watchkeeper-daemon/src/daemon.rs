@@ -21,6 +21,10 @@ use crate::{DaemonError, Options, error_chain};
 /// The service's name: logs (`SYSLOG_IDENTIFIER=`) and the library's `Service`.
 pub const NAME: &str = "watchkeeper-daemon";
 
+/// Most finished jobs one maintenance round deletes (retention), so that no commit is long:
+/// up to 1,000 a second.
+const PRUNE_STEP: u64 = 500;
+
 /// How often the maintenance task sweeps expired leases and counts the jobs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -324,9 +328,16 @@ async fn maintain(
             () = stop.cancelled() => break,
             _ = every.tick() => {}
         }
-        let max_attempts = config.borrow().max_attempts;
+        let (max_attempts, keep_secs, keep_max) = {
+            let c = config.borrow();
+            (c.max_attempts, c.keep_finished_secs, c.keep_finished_max)
+        };
         let call = store.call("maintenance", move |s| {
             s.sweep(max_attempts, now_ms())?;
+            let pruned = s.prune(keep_secs, keep_max, PRUNE_STEP, now_ms())?;
+            if pruned > 0 {
+                tracing::debug!(pruned, "deleted finished jobs past their retention");
+            }
             s.stats()
         });
         let result = tokio::select! {
