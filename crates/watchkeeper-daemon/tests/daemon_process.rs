@@ -767,7 +767,7 @@ fn a_fifo_or_dev_zero_as_config_fails_the_start_at_once_in_one_line() {
     let dirs = Dirs::new();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &dirs.config(),
+        dirs.config(),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,
