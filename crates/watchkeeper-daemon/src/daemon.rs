@@ -501,4 +501,27 @@ mod tests {
         );
         assert!(status_line(&stats, Some("reload failed: x")).ends_with("0; reload failed: x"));
     }
+
+    #[test]
+    fn connections_show_in_status_only_once_the_cap_was_reached() {
+        let mut c = server::ConnectionStats {
+            open: 10,
+            cap: 4096,
+            shed: 0,
+            refused: 0,
+        };
+        assert_eq!(connections_note(&c), None);
+        c.shed = 12;
+        c.open = 4096;
+        assert_eq!(
+            connections_note(&c).as_deref(),
+            Some("connections 4096 of 4096, 12 idle closed to make room")
+        );
+        c.refused = 2;
+        assert!(
+            connections_note(&c)
+                .unwrap()
+                .ends_with(", 2 refused (all busy)")
+        );
+    }
 }
