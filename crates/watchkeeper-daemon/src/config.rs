@@ -5,6 +5,8 @@
 //! max_attempts = 3           # a job whose lease expires this many times is quarantined
 //! allowed_uids = [1001]      # uids allowed to connect, besides root and the daemon's own
 //! status_interval_secs = 5   # how often STATUS= is refreshed (when the counts changed)
+//! keep_finished_secs = 604800  # finished jobs are deleted this long after they finished (0: never)
+//! keep_finished_max = 1000000  # and beyond this many finished jobs, the oldest (0: no limit)
 //! ```
 //!
 //! Every key is optional and unknown keys are errors. Errors are one line ("PATH:LINE:COLUMN:
@@ -41,6 +43,12 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// How often `STATUS=` is refreshed when the counts changed, 1 to 3600 seconds. Default 5.
     pub status_interval_secs: u64,
+    /// Finished jobs (completed, failed, denied, quarantined) are deleted this many seconds
+    /// after they finished; 0 keeps them. Default 7 days.
+    pub keep_finished_secs: u64,
+    /// At most this many finished jobs are kept, the oldest deleted first; 0 is no limit.
+    /// Default 1,000,000.
+    pub keep_finished_max: u64,
 }
 
 impl Default for Config {
@@ -50,6 +58,8 @@ impl Default for Config {
             max_attempts: 3,
             allowed_uids: Vec::new(),
             status_interval_secs: 5,
+            keep_finished_secs: 7 * 24 * 3600,
+            keep_finished_max: 1_000_000,
         }
     }
 }

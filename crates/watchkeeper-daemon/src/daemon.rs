@@ -21,6 +21,10 @@ use crate::{DaemonError, Options, error_chain};
 /// The service's name: logs (`SYSLOG_IDENTIFIER=`) and the library's `Service`.
 pub const NAME: &str = "watchkeeper-daemon";
 
+/// Most finished jobs one maintenance round deletes (retention), so that no commit is long:
+/// up to 1,000 a second.
+const PRUNE_STEP: u64 = 500;
+
 /// How often the maintenance task sweeps expired leases and counts the jobs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -324,9 +328,16 @@ async fn maintain(
             () = stop.cancelled() => break,
             _ = every.tick() => {}
         }
-        let max_attempts = config.borrow().max_attempts;
+        let (max_attempts, keep_secs, keep_max) = {
+            let c = config.borrow();
+            (c.max_attempts, c.keep_finished_secs, c.keep_finished_max)
+        };
         let call = store.call("maintenance", move |s| {
             s.sweep(max_attempts, now_ms())?;
+            let pruned = s.prune(keep_secs, keep_max, PRUNE_STEP, now_ms())?;
+            if pruned > 0 {
+                tracing::debug!(pruned, "deleted finished jobs past their retention");
+            }
             s.stats()
         });
         let result = tokio::select! {
@@ -489,5 +500,28 @@ mod tests {
             "queued 3, claimed 1, completed 10, failed 0, denied 1, quarantined 0"
         );
         assert!(status_line(&stats, Some("reload failed: x")).ends_with("0; reload failed: x"));
+    }
+
+    #[test]
+    fn connections_show_in_status_only_once_the_cap_was_reached() {
+        let mut c = server::ConnectionStats {
+            open: 10,
+            cap: 4096,
+            shed: 0,
+            refused: 0,
+        };
+        assert_eq!(connections_note(&c), None);
+        c.shed = 12;
+        c.open = 4096;
+        assert_eq!(
+            connections_note(&c).as_deref(),
+            Some("connections 4096 of 4096, 12 idle closed to make room")
+        );
+        c.refused = 2;
+        assert!(
+            connections_note(&c)
+                .unwrap()
+                .ends_with(", 2 refused (all busy)")
+        );
     }
 }

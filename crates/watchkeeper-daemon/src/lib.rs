@@ -18,7 +18,14 @@
 //!   database stops the pings;
 //! * `SIGHUP` re-reads `--config`; a bad file fails the reload, which the library reports in
 //!   `STATUS=`, and the old configuration stays;
-//! * `SIGTERM` stops accepting; each connection finishes the request it is in; exit 0.
+//! * `SIGTERM` stops accepting; each connection finishes the request it is in; exit 0;
+//! * requests that arrive together are committed together ([`store::SharedStore`], group
+//!   commit), each answered once its batch is on disk; a failing store is answered
+//!   `unavailable` and shown in `STATUS=`;
+//! * idle or slow connections cannot lock out new ones (the one idle the longest is closed at
+//!   the cap; [`server`]);
+//! * socket-activated with a broken configuration, the daemon stays up answering every
+//!   connection with the error instead of exiting into a restart loop (`PROTOCOL.md`).
 //!
 //! [`run`] is the whole daemon; `main` only parses [`Options`] and maps the error to an exit
 //! code ([`DaemonError::exit_code`]).

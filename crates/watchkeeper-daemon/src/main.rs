@@ -16,24 +16,21 @@ fn main() -> ExitCode {
     match serve(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, error)) => {
-            eprintln!("watchkeeper-daemon: {error:#}");
+            // One line, each cause once (anyhow's `{:#}` repeats a cause that an error's own
+            // message already includes).
+            eprintln!("watchkeeper-daemon: {error}");
             ExitCode::from(code)
         }
     }
 }
 
-fn serve(opts: Options) -> Result<(), (u8, anyhow::Error)> {
+fn serve(opts: Options) -> Result<(), (u8, String)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| {
-            (
-                1,
-                anyhow::Error::new(e).context("cannot start the tokio runtime"),
-            )
-        })?;
+        .map_err(|e| (1, format!("cannot start the tokio runtime: {e}")))?;
     let result = runtime.block_on(run(opts));
     // A wedged database call must not keep a stopped daemon alive.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
-    result.map_err(|e| (e.exit_code(), anyhow::Error::new(e)))
+    result.map_err(|e| (e.exit_code(), watchkeeper_daemon::error_chain(&e)))
 }

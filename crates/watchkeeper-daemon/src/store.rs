@@ -46,7 +46,7 @@ use watchkeeper_jobs::{ClaimedJob, MAX_LINE, Response, Stats};
 pub const FILE_NAME: &str = "jobs.sqlite3";
 
 /// The schema version this daemon writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a statement waits for a lock held by another connection (`PRAGMA busy_timeout`).
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,6 +77,29 @@ CREATE TABLE jobs (
 const INDEXES_V2: &str = "
 CREATE INDEX jobs_by_state ON jobs (state, id);
 CREATE INDEX jobs_by_lease ON jobs (lease_until_ms) WHERE state = 'claimed';
+";
+
+/// Version 3: counts by state kept in `job_counts` by triggers, so that the periodic counts
+/// read six rows instead of scanning the table; and an index on the finished jobs' age for
+/// retention. Applied on top of version 2.
+const COUNTS_V3: &str = "
+CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO job_counts (state, n) VALUES
+    ('queued', 0), ('claimed', 0), ('completed', 0), ('failed', 0), ('denied', 0),
+    ('quarantined', 0);
+UPDATE job_counts SET n = (SELECT COUNT(*) FROM jobs WHERE jobs.state = job_counts.state);
+CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs WHEN OLD.state <> NEW.state BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE INDEX jobs_finished ON jobs (updated_ms)
+    WHERE state IN ('completed', 'failed', 'denied', 'quarantined');
 ";
 
 /// Version 1 to 2, inside the schema transaction: the table is recreated with its rows (and so
@@ -599,7 +622,8 @@ impl Store {
             0 => {
                 tx.execute_batch(JOBS_TABLE_V2)
                     .and_then(|()| tx.execute_batch(INDEXES_V2))
-                    .map_err(sql_err(path, "create schema version 2"))?;
+                    .and_then(|()| tx.execute_batch(COUNTS_V3))
+                    .map_err(sql_err(path, "create schema version 3"))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(sql_err(path, "set PRAGMA user_version"))?;
                 tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "created the job store");
@@ -609,10 +633,18 @@ impl Store {
                     .and_then(|()| tx.execute_batch(JOBS_TABLE_V2))
                     .and_then(|()| tx.execute_batch(MIGRATE_V1_COPY))
                     .and_then(|()| tx.execute_batch(INDEXES_V2))
-                    .map_err(sql_err(path, "migrate schema version 1 to 2"))?;
+                    .and_then(|()| tx.execute_batch(COUNTS_V3))
+                    .map_err(sql_err(path, "migrate schema version 1 to 3"))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(sql_err(path, "set PRAGMA user_version"))?;
                 tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "migrated the job store from schema version 1");
+            }
+            2 => {
+                tx.execute_batch(COUNTS_V3)
+                    .map_err(sql_err(path, "migrate schema version 2 to 3"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(sql_err(path, "set PRAGMA user_version"))?;
+                tracing::info!(path = %path.display(), version = SCHEMA_VERSION, "migrated the job store from schema version 2");
             }
             SCHEMA_VERSION => {}
             found => {
@@ -805,11 +837,11 @@ impl Store {
         })
     }
 
-    /// Counts jobs by state.
+    /// Counts jobs by state: six rows of `job_counts`, kept by triggers, not a scan.
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .prepare_cached("SELECT state, n FROM job_counts")
             .map_err(sql_err(&self.path, "stats"))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -829,6 +861,61 @@ impl Store {
             }
         }
         Ok(stats)
+    }
+
+    /// Deletes at most `step` finished jobs (completed, failed, denied, quarantined), oldest
+    /// first by when they finished: those finished more than `keep_secs` ago, then, if more
+    /// than `keep_max` finished jobs remain, the oldest beyond that. `0` turns either rule off.
+    /// Returns how many were deleted. Small steps keep each commit short.
+    pub fn prune(
+        &mut self,
+        keep_secs: u64,
+        keep_max: u64,
+        step: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        const FINISHED: &str = "state IN ('completed', 'failed', 'denied', 'quarantined')";
+        let path = &self.path;
+        let op = "prune finished jobs";
+        let tx = begin(&mut self.conn, self.in_batch).map_err(sql_err(path, op))?;
+        let step = i64::try_from(step).unwrap_or(i64::MAX);
+        let mut deleted = 0i64;
+        if keep_secs > 0 {
+            let cutoff = now_ms
+                .saturating_sub(i64::try_from(keep_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
+            let n = tx
+                .prepare_cached(&format!(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {FINISHED}
+                     AND updated_ms < ?1 ORDER BY updated_ms LIMIT ?2)"
+                ))
+                .and_then(|mut st| st.execute(params![cutoff, step]))
+                .map_err(sql_err(path, op))?;
+            deleted += i64::try_from(n).unwrap_or(i64::MAX);
+        }
+        if keep_max > 0 && deleted < step {
+            let finished: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(SUM(n), 0) FROM job_counts
+                     WHERE state IN ('completed', 'failed', 'denied', 'quarantined')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err(path, op))?;
+            let keep = i64::try_from(keep_max).unwrap_or(i64::MAX);
+            let excess = (finished - keep).min(step - deleted);
+            if excess > 0 {
+                let n = tx
+                    .prepare_cached(&format!(
+                        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {FINISHED}
+                         ORDER BY updated_ms LIMIT ?1)"
+                    ))
+                    .and_then(|mut st| st.execute(params![excess]))
+                    .map_err(sql_err(path, op))?;
+                deleted += i64::try_from(n).unwrap_or(i64::MAX);
+            }
+        }
+        tx.commit().map_err(sql_err(path, op))?;
+        Ok(deleted.unsigned_abs())
     }
 
     /// One job's row, if it exists.
@@ -1509,6 +1596,92 @@ mod tests {
         assert!(e.to_string().ends_with("its lease expired"), "{e}");
         assert!(e.is_refusal());
         assert_eq!(s.job(id).unwrap().unwrap().state, JobState::Claimed);
+    }
+
+    /// The counts by a full scan, to check the maintained ones against.
+    fn scanned(s: &Store) -> Stats {
+        let mut stats = Stats::default();
+        let mut st = s
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .unwrap();
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .unwrap();
+        for row in rows {
+            let (state, n) = row.unwrap();
+            let n = n.unsigned_abs();
+            match state.as_str() {
+                "queued" => stats.queued = n,
+                "claimed" => stats.claimed = n,
+                "completed" => stats.completed = n,
+                "failed" => stats.failed = n,
+                "denied" => stats.denied = n,
+                _ => stats.quarantined = n,
+            }
+        }
+        stats
+    }
+
+    #[test]
+    fn maintained_counts_match_a_scan_through_every_change_and_retention_prunes_in_steps() {
+        let (_d, mut s) = open();
+        for n in 0..20 {
+            s.submit(&json!(n), T0).unwrap();
+        }
+        for n in 0..10 {
+            let job = s.claim("w", POLICY, T0 + n).unwrap().unwrap();
+            match n % 4 {
+                0 => s.complete(job.id, "w", Some(0), T0 + n).unwrap(),
+                1 => s.complete(job.id, "w", Some(1), T0 + n).unwrap(),
+                2 => s.deny(job.id, "w", "no", T0 + n).unwrap(),
+                _ => s.release(job.id, "w", T0 + n).unwrap(),
+            }
+        }
+        s.claim("x", POLICY, T0 + 20).unwrap().unwrap();
+        assert_eq!(s.stats().unwrap(), scanned(&s));
+        let finished = 3 + 3 + 2; // n = 0..10: 0,4,8 / 1,5,9 / 2,6
+        let before = s.stats().unwrap();
+        assert_eq!(before.completed + before.failed + before.denied, finished);
+        // By count: keep 5 finished, 2 per step.
+        assert_eq!(s.prune(0, 5, 2, T0 + 100).unwrap(), 2);
+        assert_eq!(s.prune(0, 5, 2, T0 + 100).unwrap(), 1);
+        assert_eq!(s.prune(0, 5, 2, T0 + 100).unwrap(), 0);
+        let after = s.stats().unwrap();
+        assert_eq!(after.completed + after.failed + after.denied, 5);
+        assert_eq!(after, scanned(&s));
+        // The oldest went first: job 1 (finished at T0) is gone.
+        assert!(s.job(1).unwrap().is_none());
+        // By age: everything finished more than 1 s before T0 + 2_000 + 10 ms.
+        assert_eq!(s.prune(1, 0, 100, T0 + 1_010).unwrap(), 5);
+        assert_eq!(s.stats().unwrap(), scanned(&s));
+        assert_eq!(
+            s.stats().unwrap().queued + s.stats().unwrap().claimed,
+            20 - finished
+        );
+        // Queued and claimed jobs are never pruned; ids are not reused.
+        let id = s.submit(&json!("new"), T0).unwrap();
+        assert_eq!(id, 21);
+    }
+
+    #[test]
+    fn a_version_2_store_gets_its_counts_seeded() {
+        let (dir, mut s) = open();
+        s.submit(&json!(1), T0).unwrap();
+        s.submit(&json!(2), T0).unwrap();
+        s.conn
+            .execute_batch(
+                "DROP TRIGGER jobs_count_insert; DROP TRIGGER jobs_count_update;
+                 DROP TRIGGER jobs_count_delete; DROP INDEX jobs_finished; DROP TABLE job_counts;
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        drop(s);
+        let mut s = Store::open(&dir.path().join("state").join(FILE_NAME)).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.stats().unwrap().queued, 2);
+        s.submit(&json!(3), T0).unwrap();
+        assert_eq!(s.stats().unwrap(), scanned(&s));
     }
 
     #[test]

@@ -764,3 +764,42 @@ fn socket_activated_with_a_broken_config_it_stays_up_answering_the_error_then_ex
     let (status, log) = daemon.wait();
     assert_eq!(status.code(), Some(6), "{log}");
 }
+
+#[test]
+fn a_fifo_or_dev_zero_as_config_fails_the_start_at_once_in_one_line() {
+    let dirs = Dirs::new();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        dirs.config(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(6), "{log}");
+    let config = dirs.config().display().to_string();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("watchkeeper-daemon: "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(
+        line,
+        format!(
+            "watchkeeper-daemon: configuration: cannot read the configuration {config}: {config} is a FIFO, not a regular file"
+        )
+    );
+
+    let mut cmd = Daemon::command(&manager, EXE, None);
+    cmd.args(["--socket", &dirs.socket().display().to_string()])
+        .args(["--state-dir", &dirs.state().display().to_string()])
+        .args(["--config", "/dev/zero"]);
+    let (status, log) = Daemon::spawn(cmd, &dirs).wait();
+    assert_eq!(status.code(), Some(6), "{log}");
+    assert!(
+        log.contains("/dev/zero is a character device, not a regular file"),
+        "{log}"
+    );
+}
