@@ -10,9 +10,9 @@
 //! and the manager's watchdog kills the service.
 //!
 //! `--cycles N` stops the service cleanly after N cycles. `--start-delay-ms N` simulates a slow
-//! initialisation after the loop's first tick: `READY=1` comes N ms later, and the start timeout
-//! is extended (`EXTEND_TIMEOUT_USEC=`) every second meanwhile; no watchdog ping goes out before
-//! `READY=1`.
+//! initialisation after the loop's first tick: `READY=1` comes N ms later (no watchdog ping goes
+//! out before it); with `--extend-start` the start timeout is extended (`EXTEND_TIMEOUT_USEC=`)
+//! every second meanwhile, for a start longer than `TimeoutStartSec=`.
 //!
 //! ```text
 //! cargo build --examples
@@ -32,6 +32,7 @@ struct Args {
     hang_after: Option<u64>,
     cycles: Option<u64>,
     start_delay: Option<Duration>,
+    extend_start: bool,
     heartbeat: Option<PathBuf>,
     interval: Option<Duration>,
 }
@@ -44,6 +45,7 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--hang-after" => args.hang_after = Some(value()?.parse().context("--hang-after")?),
             "--heartbeat" => args.heartbeat = Some(value()?.into()),
+            "--extend-start" => args.extend_start = true,
             "--cycles" => args.cycles = Some(value()?.parse().context("--cycles")?),
             "--start-delay-ms" => {
                 args.start_delay = Some(Duration::from_millis(
@@ -83,7 +85,9 @@ async fn main() -> anyhow::Result<()> {
         progress.tick();
         let end = tokio::time::Instant::now() + delay;
         while tokio::time::Instant::now() < end {
-            lifecycle.extend_timeout(Duration::from_secs(3)).await?;
+            if args.extend_start {
+                lifecycle.extend_timeout(Duration::from_secs(3)).await?;
+            }
             tokio::time::sleep(Duration::from_secs(1).min(end - tokio::time::Instant::now())).await;
         }
     }

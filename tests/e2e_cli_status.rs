@@ -341,6 +341,17 @@ fn status_reports_health_through_the_faults() -> Result<()> {
     )?;
     eprintln!("stale: {}", service(&v, BETA)?);
 
+    // The hung-loop drill: the watchdog restarts beta, and status counts the restart.
+    wk.drop_in(
+        "watchkeeper-worker@beta.service",
+        "[Service]\nWatchdogSec=2\nEnvironment=WATCHKEEPER_DRILL_HANG_AFTER=4\n",
+    )?;
+    wk.systemctl_ok(["restart", BETA])?;
+    let (_, v) = wait_status(&wk, &bin, &[], "the watchdog restart counted", |_, v| {
+        service(v, BETA).is_ok_and(|b| b["restarts"].as_u64() >= Some(1))
+    })?;
+    eprintln!("after the hung loop: {}", service(&v, BETA)?);
+
     // A failed unit: unhealthy.
     wk.drop_in(
         "watchkeeper-worker@beta.service",

@@ -13,7 +13,9 @@ use support::wk::{DAEMON, SOCKET, Wk, field, message, read_contrib};
 const DEADLINE: Duration = Duration::from_secs(20);
 /// How long the whole queue may take to drain, kills and lease expiries included.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-const JOBS: u64 = 20;
+/// Each job sleeps 1 s: long enough that a kill after reading `running job N` from StatusText
+/// usually lands while job N still runs (a worker claims its next job at once).
+const JOBS: u64 = 16;
 const WORKERS: &[&str] = &[
     "watchkeeper-worker@alpha.service",
     "watchkeeper-worker@beta.service",
@@ -51,7 +53,7 @@ fn jobs_survive_kill_9_of_the_daemon_and_of_a_worker() -> Result<()> {
 
     let t0 = Instant::now();
     let script = format!(
-        "for i in $(seq {JOBS}); do {}/.local/bin/wk-jobs --socket {} submit sleep 0.3 || exit 1; done",
+        "for i in $(seq {JOBS}); do {}/.local/bin/wk-jobs --socket {} submit sleep 1 || exit 1; done",
         wk.user_home().display(),
         wk.socket_path()
     );

@@ -157,10 +157,16 @@ async fn a_late_iteration_is_pinged_as_soon_as_it_ends() {
     // window's edge (which would leave more than T between two pings).
     for i in 1..=20 {
         tokio::time::sleep(WATCHDOG * 9 / 10).await;
+        let before = pings(&settle(&manager, &marker, &format!("before {i}")));
+        assert_eq!(before, i - 1, "iteration {i}: a ping without a tick");
         progress.tick();
         tokio::time::sleep(Duration::from_millis(1)).await;
         let r = settle(&manager, &marker, &format!("iteration {i}"));
-        assert_eq!(pings(&r), i, "iteration {i}: {r:#?}");
+        assert_eq!(
+            pings(&r),
+            i,
+            "iteration {i}: no ping right after the tick: {r:#?}"
+        );
     }
     progress.retire();
 }
@@ -210,9 +216,11 @@ async fn peek_does_not_flap_on_a_healthy_loop() {
     let service = ready_service(&manager).await;
     let progress = service.register_loop("poll");
     let ticker = tokio::spawn(async move {
+        // Ticks at 0.25 s, 0.75 s, …: never at a ping's instant.
+        tokio::time::sleep(Duration::from_millis(250)).await;
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
             progress.tick();
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
     let mut verdicts = Vec::new();

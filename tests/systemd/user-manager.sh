@@ -299,6 +299,12 @@ cmd_holder() {
     mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run/systemd
     mkdir -m 0755 /run/systemd/system        # sd_booted() in this namespace only
     mkdir -m 0700 /run/systemd/unit-root     # PrivateUsers= + mount namespacing
+    # A unit with LoadCredential=/SetCredential= and a mount namespace bind-mounts its
+    # credentials below /run/credentials, which must exist (a booted system has it: PID 1
+    # creates it for the first unit with credentials). Without it the unit fails with
+    # 226/NAMESPACE "/run/systemd/unit-root/run/credentials: No such file or directory".
+    # An empty root-owned directory, created only where it is missing; nothing is mounted.
+    [[ -d /run/credentials ]] || mkdir -m 0755 /run/credentials
     mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run/user
     mkdir -m 0700 "$S_RUNTIME"
     chown "$S_UID:$S_GID" "$S_RUNTIME"

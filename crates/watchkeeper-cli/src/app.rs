@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 
 use crate::cli::{Cli, Command};
-use crate::{exit, install, metrics, probe, status};
+use crate::{backup, doctor, exit, install, metrics, probe, status};
 
 pub(crate) fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -34,6 +34,9 @@ fn run(cmd: Command) -> anyhow::Result<u8> {
         Command::Status(a) => status::run(&a),
         Command::Probe(a) => probe::run(&a),
         Command::Metrics(a) => metrics::run(&a),
+        Command::Backup(a) => backup::backup(&a),
+        Command::Restore(a) => backup::restore(&a),
+        Command::Doctor(a) => doctor::run(&a),
         Command::Install(a) => install::install(&a),
         Command::Uninstall(a) => install::uninstall(&a),
         Command::Rollback(a) => install::rollback(&a),

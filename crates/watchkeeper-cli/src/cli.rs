@@ -72,6 +72,14 @@ pub(crate) enum Command {
     Uninstall(UninstallArgs),
     /// Switches back to the previously installed binaries and restarts the units.
     Rollback(RollbackArgs),
+    /// Triage of the usual failures, one line per finding with the command that fixes it.
+    ///
+    /// Exit code: 0 no findings, 4 findings, 3 could not ask the service manager.
+    Doctor(DoctorArgs),
+    /// A consistent snapshot of the daemon's job store (SQLite online backup), verified.
+    Backup(BackupArgs),
+    /// Replaces the daemon's job store with a verified backup (the daemon must be stopped).
+    Restore(RestoreArgs),
     /// Shell completions on stdout.
     Completions {
         /// The shell.

@@ -21,6 +21,8 @@ pub(crate) const UNHEALTHY: u8 = 2;
 pub(crate) const CANNOT_ASK: u8 = 3;
 /// An operation failed.
 pub(crate) const FAILED: u8 = 5;
+/// `doctor` has findings.
+pub(crate) const FINDINGS: u8 = 4;
 /// The operation was refused (a local change, a running daemon).
 pub(crate) const REFUSED: u8 = 6;
 /// Bad command line.

@@ -3,7 +3,9 @@
 //! ([`exit`]).
 
 mod app;
+mod backup;
 mod cli;
+mod doctor;
 mod exit;
 mod hb;
 mod install;

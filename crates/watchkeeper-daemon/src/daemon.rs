@@ -79,6 +79,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = lifecycle.status("starting: opening the job store");
     let started = match start(&opts, &mut fds).await {
         Ok(started) => started,
+        Err(DaemonError::Config(e)) if !fds.is_empty() => {
+            return serve_config_error(service, &mut fds, e).await;
+        }
         Err(e) => {
             let _ = lifecycle.status(&format!("failed to start: {}", error_chain(&e)));
             return Err(e);
@@ -120,6 +123,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         service.register_loop("accept"),
         Some(conn_tx),
     ));
+    let store_for_status = store.clone();
     service.spawn(maintain(
         store,
         config_rx.clone(),
@@ -128,6 +132,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         service.register_loop("store"),
     ));
     service.spawn(report_status(
+        store_for_status,
         lifecycle.clone(),
         counts_rx.clone(),
         note_rx,
@@ -173,6 +178,64 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
 }
 
+/// A socket-activated daemon whose configuration is broken.
+///
+/// Exiting at once (code 6) does not work under socket activation: the connection that
+/// started the daemon is still queued on the socket, so systemd starts the service again at
+/// once (`socket.c` re-triggers while the socket is readable), the start limit is hit within
+/// a second (5 starts), the socket unit fails with `service-start-limit-hit` and closes its
+/// socket, and clients then see `ENOENT`/`ECONNREFUSED` instead of the reason.
+///
+/// So the daemon starts, without a store: `READY=1` with `STATUS=configuration error: …`,
+/// and every connection is answered `unavailable: configuration error: …` and closed, so
+/// workers log the reason. A reload is refused (a restart applies a fixed file). On `SIGTERM`
+/// the daemon exits 6 (`NOTCONFIGURED`), which `RestartPreventExitStatus=6` keeps from being
+/// restarted, and the unit's result shows the failure.
+async fn serve_config_error(
+    service: Service,
+    fds: &mut ListenFds,
+    error: crate::config::ConfigError,
+) -> Result<(), DaemonError> {
+    let lifecycle = service.lifecycle();
+    let why = error_chain(&error);
+    let listener = match listener::from_activation(fds) {
+        Ok(Some(listener)) => listener,
+        Ok(None) => return Err(DaemonError::Config(error)),
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return Err(DaemonError::Config(error));
+        }
+    };
+    tracing::error!(
+        "configuration error: {why}; socket-activated, so the daemon stays up and answers every \
+         connection with the error (exiting would be re-triggered until the socket fails); \
+         fix the file and restart the service"
+    );
+    let stop: CancellationToken = service.shutdown_token().into();
+    service.spawn(server::config_error_loop(
+        listener,
+        why.clone(),
+        stop,
+        service.register_loop("accept"),
+    ));
+    let status = format!("configuration error: {why}; answering every connection with it");
+    lifecycle
+        .ready_with_status(&status)
+        .await
+        .map_err(DaemonError::Ready)?;
+    let result = service
+        .run(|| async {
+            Err::<(), _>(
+                "started with a configuration error: restart the service to apply a fixed file",
+            )
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!("{}", error_chain(&e));
+    }
+    Err(DaemonError::Config(error))
+}
+
 /// Opens the store and the socket.
 async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonError> {
     let config = match &opts.config {
@@ -192,26 +255,7 @@ async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonErr
         _ => None,
     };
 
-    let max_attempts = config.max_attempts;
-    let (store, stats) = tokio::task::spawn_blocking(move || {
-        let mut store = Store::open_in(&state_dir)?;
-        let expired = store.sweep(max_attempts, now_ms())?;
-        let stats = store.stats()?;
-        tracing::info!(
-            path = %store.path().display(),
-            expired_leases = expired.len(),
-            "job store open"
-        );
-        Ok::<_, StoreError>((store, stats))
-    })
-    .await
-    .map_err(|source| StoreError::Task {
-        op: "open the store".into(),
-        source,
-    })
-    .and_then(|opened| opened)
-    .map_err(DaemonError::Store)?;
-
+    // The socket first: a daemon that cannot listen must not create or touch its store.
     let (listener, socket_file, listening_on) = match socket_path {
         None => {
             let listener = listener::from_activation(fds)
@@ -232,6 +276,26 @@ async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonErr
             (listener, Some(file), path.display().to_string())
         }
     };
+    let max_attempts = config.max_attempts;
+    let (store, stats) = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open_in(&state_dir)?;
+        let expired = store.sweep(max_attempts, now_ms())?;
+        let stats = store.stats()?;
+        tracing::info!(
+            path = %store.path().display(),
+            expired_leases = expired.len(),
+            "job store open"
+        );
+        Ok::<_, StoreError>((store, stats))
+    })
+    .await
+    .map_err(|source| StoreError::Task {
+        op: "open the store".into(),
+        source,
+    })
+    .and_then(|opened| opened)
+    .map_err(DaemonError::Store)?;
+
     Ok(Started {
         listener,
         socket_file,
@@ -311,6 +375,7 @@ fn connections_note(c: &server::ConnectionStats) -> Option<String> {
 
 /// Every `status_interval_secs`: `STATUS=` with the counts, if they changed.
 async fn report_status(
+    store: SharedStore,
     lifecycle: Lifecycle,
     counts: watch::Receiver<Stats>,
     note: watch::Receiver<Option<String>>,
@@ -325,7 +390,9 @@ async fn report_status(
             () = stop.cancelled() => break,
             () = tokio::time::sleep(period) => {}
         }
+        let trouble = store.trouble().map(|t| format!("job store failing: {t}"));
         let notes: Vec<String> = [
+            trouble,
             connections_note(&connections.borrow()),
             note.borrow().clone(),
         ]

@@ -11,7 +11,7 @@
 //!    connection is refused, so nobody can connect through the looser mode `bind(2)` created.
 //!
 //! The returned [`SocketFile`] removes the socket on drop, if it is still the one bound and
-//! nobody answers on it any more.
+//! nobody answers on it any more, and the lock file. A failed bind removes the lock file too.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
@@ -170,7 +170,23 @@ pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
-    _lock: OwnedFd,
+    _lock: LockFile,
+}
+
+/// The locked `PATH.lock`: removed (while still locked) on drop, so that no lock file is left
+/// behind, whether the daemon stops or fails to set up its socket.
+#[derive(Debug)]
+struct LockFile {
+    path: PathBuf,
+    _fd: OwnedFd,
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Still holding the lock: a daemon starting now either locked nothing yet (and creates
+        // a fresh file) or fails on our lock, as it would have anyway.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl SocketFile {
@@ -255,7 +271,7 @@ pub fn bind(
     Ok((listener, file))
 }
 
-fn take_lock(socket: &Path) -> Result<OwnedFd, ListenerError> {
+fn take_lock(socket: &Path) -> Result<LockFile, ListenerError> {
     let path = lock_path(socket);
     let lock_err = |source| ListenerError::Lock {
         path: path.clone(),
@@ -270,7 +286,10 @@ fn take_lock(socket: &Path) -> Result<OwnedFd, ListenerError> {
         .open(&path)
         .map_err(lock_err)?;
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file.into()),
+        Ok(()) => Ok(LockFile {
+            path,
+            _fd: file.into(),
+        }),
         Err(Errno::WOULDBLOCK) => Err(ListenerError::Locked {
             path: path.clone(),
             socket: socket.to_owned(),
@@ -364,6 +383,17 @@ mod tests {
         drop(listener);
         drop(file);
         assert!(!path.exists());
+        assert!(!lock_path(&path).exists(), "the lock file stays");
+    }
+
+    #[tokio::test]
+    async fn a_failed_bind_leaves_no_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.sock");
+        std::fs::write(&path, "not a socket").unwrap();
+        let e = bind(&path, None).unwrap_err();
+        assert!(matches!(e, ListenerError::NotASocket { .. }), "{e}");
+        assert!(!lock_path(&path).exists(), "the lock file stays");
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ use watchkeeper_jobs::{ErrorCode, MAX_LINE, Request, Response};
 
 use crate::config::{Config, NOBODY_UID};
 use crate::error_chain;
-use crate::store::{SharedStore, StoreError, now_ms};
+use crate::store::{Claimed, SharedStore, StoreError, now_ms};
 
 /// How often the accept loop ticks its watchdog [`Progress`] while no one connects.
 pub const ACCEPT_TICK: Duration = Duration::from_millis(250);
@@ -158,32 +158,53 @@ impl Broker {
     /// refusal: disk full, a busy or broken database) is logged and answered with an error
     /// coded [`ErrorCode::Unavailable`] (`unavailable: …`), which tells the client that the
     /// request did not take effect and may be retried later.
-    pub async fn handle(&self, request: Request) -> Response {
+    ///
+    /// `line` is the request's JSON text (without its newline): a submitted job is stored as
+    /// the exact text it has in the line.
+    pub async fn handle(&self, line: &[u8]) -> Answer {
+        let request = match serde_json::from_slice::<Request>(line) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid request");
+                return Answer::Plain(Response::error(truncate(format!("invalid request: {e}"))));
+            }
+        };
         let what = describe(&request);
-        match self.dispatch(request).await {
-            Ok(response) => response,
+        match self.dispatch(request, line).await {
+            Ok(answer) => answer,
             Err(e) if e.is_refusal() => {
                 let error = error_chain(&e);
                 tracing::info!(request = %what, "refused: {error}");
-                Response::error(truncate(error))
+                Answer::Plain(Response::error(truncate(error)))
             }
             Err(e) => {
                 let error = error_chain(&e);
                 tracing::error!(request = %what, "failed: {error}; answered as unavailable");
-                unavailable(&error)
+                Answer::Plain(unavailable(&error))
             }
         }
     }
 
-    async fn dispatch(&self, request: Request) -> Result<Response, StoreError> {
+    async fn dispatch(&self, request: Request, line: &[u8]) -> Result<Answer, StoreError> {
         let store = &self.store;
-        Ok(match request {
+        Ok(Answer::Plain(match request {
             Request::Ping => Response::Pong {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             },
-            Request::Submit { job } => {
+            Request::Submit { .. } => {
+                /// The job's exact text in the line (the request already parsed, so this does).
+                #[derive(serde::Deserialize)]
+                struct RawSubmit<'a> {
+                    #[serde(borrow)]
+                    job: &'a serde_json::value::RawValue,
+                }
+                let text = serde_json::from_slice::<RawSubmit<'_>>(line)
+                    .map(|r| r.job.get().to_owned())
+                    .map_err(|e| StoreError::InvalidSpec {
+                        reason: error_chain(&e),
+                    })?;
                 let id = store
-                    .call("submit", move |s| s.submit(&job, now_ms()))
+                    .call("submit", move |s| s.submit_raw(&text, now_ms()))
                     .await?;
                 tracing::debug!(job = id, "submitted");
                 Response::Submitted { id }
@@ -199,7 +220,7 @@ impl Broker {
                 if let Some(j) = &job {
                     tracing::info!(job = j.id, %worker, attempt = j.attempt, "claimed");
                 }
-                Response::Job { job }
+                return Ok(Answer::Job(job));
             }
             Request::Renew { id, worker } => {
                 let lease = self.config.borrow().lease_secs;
@@ -240,7 +261,7 @@ impl Broker {
                 if let Some(j) = &job {
                     tracing::info!(job = j.id, %worker, attempt = j.attempt, "claimed");
                 }
-                Response::Job { job }
+                return Ok(Answer::Job(job));
             }
             Request::Deny { id, worker, reason } => {
                 store
@@ -278,7 +299,7 @@ impl Broker {
                 },
                 None => Response::error("reload is not available here"),
             },
-        })
+        }))
     }
 }
 
@@ -565,6 +586,45 @@ pub async fn accept_loop_with_counts(
     connections.wait().await;
 }
 
+/// The accept loop of a daemon whose configuration is broken (socket-activated; see
+/// `PROTOCOL.md`): every connection is answered `unavailable: configuration error: WHY` and
+/// closed, until `stop` is cancelled. Ticks `progress` like [`accept_loop`].
+pub async fn config_error_loop(
+    listener: UnixListener,
+    why: String,
+    stop: CancellationToken,
+    progress: Progress,
+) {
+    let connections = TaskTracker::new();
+    let response = unavailable(&format!("configuration error: {why}"));
+    let mut idle = tokio::time::interval(ACCEPT_TICK);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let response = response.clone();
+                    connections.spawn(async move { answer_and_close(stream, &response).await });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+            _ = idle.tick() => {}
+        }
+        progress.tick();
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
 /// Answers a connection beyond the cap, when no open one can be shed.
 async fn refuse_busy(mut stream: UnixStream, cap: usize) {
     let response = unavailable(&format!(
@@ -655,14 +715,8 @@ async fn serve_connection(
             .strip_suffix(b"\n")
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(&line);
-        let response = match serde_json::from_slice::<Request>(request) {
-            Ok(request) => broker.handle(request).await,
-            Err(e) => {
-                tracing::debug!(uid, pid, error = %e, "invalid request");
-                Response::error(truncate(format!("invalid request: {e}")))
-            }
-        };
-        if let Err(e) = write_response(&mut write, &response).await {
+        let answer = broker.handle(request).await;
+        if let Err(e) = write_line(&mut write, answer.encode()).await {
             tracing::debug!(uid, pid, error = %e, "cannot answer; closing");
             break;
         }
@@ -684,12 +738,18 @@ async fn serve_connection(
 /// the stream), and reads and drops what the client sends until the client closes, at most
 /// [`REFUSAL_LINGER`] and [`MAX_LINE`] bytes, before closing.
 async fn refuse(stream: UnixStream, error: String) {
-    let (mut read, mut write) = stream.into_split();
     let response = Response::Error {
         error,
         code: Some(ErrorCode::NotAllowed),
     };
-    if write_response(&mut write, &response).await.is_err() {
+    answer_and_close(stream, &response).await;
+}
+
+/// Writes `response`, shuts down the sending side, and drains what the client sends (at
+/// most [`REFUSAL_LINGER`], [`MAX_LINE`] bytes) before closing: see [`refuse`].
+async fn answer_and_close(stream: UnixStream, response: &Response) {
+    let (mut read, mut write) = stream.into_split();
+    if write_response(&mut write, response).await.is_err() {
         return;
     }
     let _ = write.shutdown().await;
@@ -711,14 +771,60 @@ async fn write_response(
     w: &mut (impl AsyncWrite + Unpin),
     response: &Response,
 ) -> std::io::Result<()> {
-    let mut out = match serde_json::to_vec(response) {
-        Ok(out) if out.len() <= MAX_LINE => out,
-        Ok(out) => error_line(&format!(
-            "response of {} bytes exceeds MAX_LINE {MAX_LINE}",
-            out.len()
-        )),
-        Err(e) => error_line(&format!("cannot encode the response: {e}")),
-    };
+    write_line(w, Answer::Plain(response.clone()).encode()).await
+}
+
+/// An answer to one request: a [`Response`], or a claim answer whose job spec is written as
+/// the exact text it was submitted as.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Any response.
+    Plain(Response),
+    /// The answer to `claim` or `complete_and_claim`.
+    Job(Option<Claimed>),
+}
+
+impl Answer {
+    /// The answer's line, without its newline; an error line if it cannot be encoded or is
+    /// longer than [`MAX_LINE`].
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct JobLine<'a> {
+            result: &'static str,
+            job: Option<RawJob<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        struct RawJob<'a> {
+            id: u64,
+            spec: &'a serde_json::value::RawValue,
+            attempt: u32,
+            lease_secs: u64,
+        }
+        let encoded = match self {
+            Answer::Plain(response) => serde_json::to_vec(response),
+            Answer::Job(job) => serde_json::to_vec(&JobLine {
+                result: "job",
+                job: job.as_ref().map(|j| RawJob {
+                    id: j.id,
+                    spec: &j.spec,
+                    attempt: j.attempt,
+                    lease_secs: j.lease_secs,
+                }),
+            }),
+        };
+        match encoded {
+            Ok(out) if out.len() <= MAX_LINE => out,
+            Ok(out) => error_line(&format!(
+                "response of {} bytes exceeds MAX_LINE {MAX_LINE}",
+                out.len()
+            )),
+            Err(e) => error_line(&format!("cannot encode the response: {e}")),
+        }
+    }
+}
+
+/// Writes `out` and a newline, within [`WRITE_TIMEOUT`].
+async fn write_line(w: &mut (impl AsyncWrite + Unpin), mut out: Vec<u8>) -> std::io::Result<()> {
     out.push(b'\n');
     match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out)).await {
         Ok(written) => written,

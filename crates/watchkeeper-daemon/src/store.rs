@@ -34,11 +34,12 @@
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, params};
+use serde_json::value::RawValue;
 use watchkeeper_jobs::{ClaimedJob, MAX_LINE, Response, Stats};
 
 /// The database file's name inside the state directory.
@@ -200,6 +201,95 @@ pub struct JobRecord {
     pub exit_code: Option<i32>,
 }
 
+/// Reads an existing database file's header (the first 100 bytes, read-only, before any SQLite
+/// connection exists) and refuses a file that is not an SQLite database or whose schema
+/// version (`PRAGMA user_version`, big-endian at offset 60) is newer than ours. A missing or
+/// empty file passes: it is about to be created.
+///
+/// The header can be behind the `-wal` file of a daemon that crashed; the version is checked
+/// again, on the open connection, before any change.
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read as _;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::CreateFile {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let not_db = |why: &str| StoreError::NotADatabase {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    };
+    let meta = file.metadata().map_err(|source| StoreError::CreateFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(not_db("not a regular file"));
+    }
+    let mut header = Vec::with_capacity(100);
+    (&mut file)
+        .take(100)
+        .read_to_end(&mut header)
+        .map_err(|source| StoreError::CreateFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    if header.is_empty() {
+        return Ok(());
+    }
+    if header.len() < 100 || !header.starts_with(b"SQLite format 3\0") {
+        return Err(not_db("no SQLite header"));
+    }
+    let found = i64::from(u32::from_be_bytes([
+        header[60], header[61], header[62], header[63],
+    ]));
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::UnknownSchema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// A job handed to a worker, its spec as the JSON text it was submitted as.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The job's id.
+    pub id: u64,
+    /// The job as submitted, byte for byte.
+    pub spec: Box<RawValue>,
+    /// Which attempt this is, from 1.
+    pub attempt: u32,
+    /// The lease in seconds.
+    pub lease_secs: u64,
+}
+
+impl Claimed {
+    /// As the protocol type (the spec parsed into a `Value`).
+    pub fn to_claimed_job(&self) -> ClaimedJob {
+        ClaimedJob {
+            id: self.id,
+            spec: serde_json::from_str(self.spec.get()).unwrap_or(serde_json::Value::Null),
+            attempt: self.attempt,
+            lease_secs: self.lease_secs,
+        }
+    }
+}
+
+impl PartialEq for Claimed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.id, self.spec.get(), self.attempt, self.lease_secs)
+            == (other.id, other.spec.get(), other.attempt, other.lease_secs)
+    }
+}
+
 /// A store operation failed or was refused. Nothing changed in either case.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -230,6 +320,14 @@ pub enum StoreError {
         /// SQLite's error.
         #[source]
         source: rusqlite::Error,
+    },
+    /// The file exists and is not an SQLite database.
+    #[error("{path} is not an SQLite database ({why}); leaving it alone")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
     },
     /// WAL mode could not be enabled (e.g. a file system without shared memory support).
     #[error("{path}: journal_mode is {mode:?} after asking for WAL")]
@@ -288,11 +386,31 @@ pub enum StoreError {
         /// [`max_spec_len`].
         max: usize,
     },
+    /// A job spec that is not JSON.
+    #[error("job spec is not JSON: {reason}")]
+    InvalidSpec {
+        /// Why.
+        reason: String,
+    },
     /// A worker name that is empty or longer than [`MAX_WORKER_NAME`].
     #[error("worker name must be 1 to {MAX_WORKER_NAME} bytes, not {len}")]
     InvalidWorker {
         /// The name's length.
         len: usize,
+    },
+    /// A batch of calls could not be committed; this call did not take effect.
+    #[error("{path}: {message}")]
+    Commit {
+        /// The database file.
+        path: PathBuf,
+        /// Why, on one line.
+        message: String,
+    },
+    /// The store's writer did not answer the call (it panicked, or the store is gone).
+    #[error("the job store did not answer {op}")]
+    Lost {
+        /// The call.
+        op: String,
     },
     /// The blocking task running a store call did not finish (it panicked or was cancelled).
     #[error("store task for {op} did not finish")]
@@ -314,6 +432,7 @@ impl StoreError {
             StoreError::NoSuchJob { .. }
                 | StoreError::NotClaimed { .. }
                 | StoreError::SpecTooLarge { .. }
+                | StoreError::InvalidSpec { .. }
                 | StoreError::InvalidWorker { .. }
         )
     }
@@ -364,6 +483,44 @@ fn lease_end(now_ms: i64, lease_secs: u64) -> i64 {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Inside a [`SharedStore`] batch: each call's transaction is a savepoint of the batch's.
+    in_batch: bool,
+}
+
+/// A call's transaction: its own (`BEGIN IMMEDIATE`), or a savepoint inside a batch.
+enum Tx<'a> {
+    Top(Transaction<'a>),
+    Nested(rusqlite::Savepoint<'a>),
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Top(t) => t,
+            Tx::Nested(s) => s,
+        }
+    }
+}
+
+impl Tx<'_> {
+    /// Commits (or, inside a batch, releases the savepoint: the batch commits it). Dropped
+    /// uncommitted, it rolls back.
+    fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Top(t) => t.commit(),
+            Tx::Nested(s) => s.commit(),
+        }
+    }
+}
+
+fn begin(conn: &mut Connection, in_batch: bool) -> rusqlite::Result<Tx<'_>> {
+    if in_batch {
+        conn.savepoint().map(Tx::Nested)
+    } else {
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)
+            .map(Tx::Top)
+    }
 }
 
 impl Store {
@@ -384,7 +541,12 @@ impl Store {
 
     /// Opens (or creates) the database at `path`: WAL, `synchronous=FULL`, [`BUSY_TIMEOUT`],
     /// and the schema created or checked.
+    ///
+    /// An existing file is checked before SQLite touches it: a file that is not an SQLite
+    /// database, or one with a newer schema version than [`SCHEMA_VERSION`], is refused
+    /// without a byte of it (or a `-wal`/`-shm` file next to it) changing.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        check_header(path)?;
         // Create the file ourselves, 0600: job specs are commands. SQLite gives its -wal and
         // -shm files the database file's mode.
         std::fs::OpenOptions::new()
@@ -418,6 +580,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_owned(),
+            in_batch: false,
         };
         store.migrate()?;
         Ok(store)
@@ -479,7 +642,18 @@ impl Store {
     /// interpretation; it must fit in a claim response ([`max_spec_len`]).
     pub fn submit(&mut self, spec: &serde_json::Value, now_ms: i64) -> Result<u64, StoreError> {
         // `Value`'s `Display` is its compact JSON.
-        let text = spec.to_string();
+        self.submit_raw(&spec.to_string(), now_ms)
+    }
+
+    /// Queues a job given as JSON text, stored and handed out byte for byte as given (numbers,
+    /// key order and white space included). Committed before this returns.
+    pub fn submit_raw(&mut self, text: &str, now_ms: i64) -> Result<u64, StoreError> {
+        let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
+        if let Err(e) = serde_json::from_str::<&RawValue>(text) {
+            return Err(StoreError::InvalidSpec {
+                reason: crate::error_chain(&e),
+            });
+        }
         let max = max_spec_len();
         if text.len() > max {
             return Err(StoreError::SpecTooLarge {
@@ -509,16 +683,13 @@ impl Store {
         worker: &str,
         policy: Policy,
         now_ms: i64,
-    ) -> Result<Option<ClaimedJob>, StoreError> {
+    ) -> Result<Option<Claimed>, StoreError> {
         if worker.is_empty() || worker.len() > MAX_WORKER_NAME {
             return Err(StoreError::InvalidWorker { len: worker.len() });
         }
         let path = &self.path;
         let op = || format!("claim by {worker}");
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err(path, op()))?;
+        let tx = begin(&mut self.conn, self.in_batch).map_err(sql_err(path, op()))?;
         let job = claim_tx(&tx, path, worker, policy, now_ms)?;
         tx.commit().map_err(sql_err(path, op()))?;
         Ok(job)
@@ -533,16 +704,13 @@ impl Store {
         exit_code: Option<i32>,
         policy: Policy,
         now_ms: i64,
-    ) -> Result<Option<ClaimedJob>, StoreError> {
+    ) -> Result<Option<Claimed>, StoreError> {
         if worker.is_empty() || worker.len() > MAX_WORKER_NAME {
             return Err(StoreError::InvalidWorker { len: worker.len() });
         }
         let path = &self.path;
         let op = || format!("complete job {id} and claim by {worker}");
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err(path, op()))?;
+        let tx = begin(&mut self.conn, self.in_batch).map_err(sql_err(path, op()))?;
         let rid = check_holder(&tx, path, id, worker, "complete", now_ms)?;
         let (state, reason) = outcome(exit_code);
         settle_tx(&tx, rid, state, reason, exit_code, now_ms).map_err(sql_err(path, op()))?;
@@ -555,10 +723,8 @@ impl Store {
     /// quarantined ("lease expired N times: poison job"), the others are queued again.
     pub fn sweep(&mut self, max_attempts: u32, now_ms: i64) -> Result<Vec<Expired>, StoreError> {
         let path = &self.path;
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err(path, "sweep expired leases"))?;
+        let tx =
+            begin(&mut self.conn, self.in_batch).map_err(sql_err(path, "sweep expired leases"))?;
         let expired = sweep_tx(&tx, path, max_attempts, now_ms)?;
         tx.commit().map_err(sql_err(path, "sweep expired leases"))?;
         Ok(expired)
@@ -728,14 +894,11 @@ impl Store {
         worker: &str,
         what: &str,
         now_ms: i64,
-        update: impl FnOnce(&Transaction<'_>, i64) -> rusqlite::Result<usize>,
+        update: impl FnOnce(&Connection, i64) -> rusqlite::Result<usize>,
     ) -> Result<(), StoreError> {
         let path = &self.path;
         let op = || format!("{what} job {id} by {worker}");
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err(path, op()))?;
+        let tx = begin(&mut self.conn, self.in_batch).map_err(sql_err(path, op()))?;
         let rid = check_holder(&tx, path, id, worker, what, now_ms)?;
         update(&tx, rid).map_err(sql_err(path, op()))?;
         tx.commit().map_err(sql_err(path, op()))
@@ -744,7 +907,7 @@ impl Store {
 
 /// The job's row id if, and only if, `worker` holds an unexpired claim on `id`.
 fn check_holder(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     path: &Path,
     id: u64,
     worker: &str,
@@ -797,7 +960,7 @@ fn outcome(exit_code: Option<i32>) -> (JobState, Option<String>) {
 
 /// Ends a claim in a final state, inside the caller's transaction.
 fn settle_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     rid: i64,
     state: JobState,
     reason: Option<String>,
@@ -814,12 +977,12 @@ fn settle_tx(
 
 /// The claim, inside the caller's transaction: sweep, then the held job or the oldest queued.
 fn claim_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     path: &Path,
     worker: &str,
     policy: Policy,
     now_ms: i64,
-) -> Result<Option<ClaimedJob>, StoreError> {
+) -> Result<Option<Claimed>, StoreError> {
     let op = || format!("claim by {worker}");
     sweep_tx(tx, path, policy.max_attempts, now_ms)?;
     let lease_secs = i64::try_from(policy.lease_secs).unwrap_or(i64::MAX);
@@ -836,7 +999,7 @@ fn claim_tx(
     if let Some((id, text, attempts)) = held {
         // The spec was read when the job was first handed out; a file edited by hand since
         // then falls through to the ordinary claim and the job runs out its lease.
-        if let Ok(spec) = serde_json::from_str(&text) {
+        if let Ok(spec) = serde_json::from_str::<Box<RawValue>>(&text) {
             tracing::warn!(
                 job = id,
                 worker,
@@ -849,7 +1012,7 @@ fn claim_tx(
                 params![id, lease_end(now_ms, policy.lease_secs), lease_secs, now_ms],
             )
             .map_err(sql_err(path, op()))?;
-            return Ok(Some(ClaimedJob {
+            return Ok(Some(Claimed {
                 id: id.unsigned_abs(),
                 spec,
                 attempt: to_u32(attempts),
@@ -869,7 +1032,7 @@ fn claim_tx(
         let Some((id, text, attempts)) = next else {
             return Ok(None);
         };
-        let spec = match serde_json::from_str(&text) {
+        let spec = match serde_json::from_str::<Box<RawValue>>(&text) {
             Ok(spec) => spec,
             Err(e) => {
                 // Only possible if the file was edited by hand; do not let it block the queue.
@@ -899,7 +1062,7 @@ fn claim_tx(
             ],
         )
         .map_err(sql_err(path, op()))?;
-        return Ok(Some(ClaimedJob {
+        return Ok(Some(Claimed {
             id: id.unsigned_abs(),
             spec,
             attempt: to_u32(attempt),
@@ -910,7 +1073,7 @@ fn claim_tx(
 
 /// The sweep, inside the caller's transaction.
 fn sweep_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     path: &Path,
     max_attempts: u32,
     now_ms: i64,
@@ -968,15 +1131,40 @@ fn sweep_tx(
     Ok(expired)
 }
 
-/// A [`Store`] shared by the daemon's tasks: each call runs on tokio's blocking pool, one at a
-/// time (a mutex), so the async tasks never wait on SQLite or `fsync`.
+/// Default largest batch of calls [`SharedStore`] commits together.
+pub const DEFAULT_MAX_BATCH: usize = 1024;
+
+/// What a call's result does once its batch has committed (`None`) or failed to.
+type Finish = Box<dyn FnOnce(Option<&CommitFailure>) + Send>;
+/// A call queued for the writer.
+type Op = Box<dyn FnOnce(&mut Store) -> Finish + Send>;
+
+/// A batch's commit failed: every call in it is answered with this.
 #[derive(Debug, Clone)]
-pub struct SharedStore {
-    store: Arc<Mutex<Store>>,
-    pending: Arc<AtomicUsize>,
+struct CommitFailure {
+    path: PathBuf,
+    message: String,
 }
 
-/// Counts a call from its start until its closure returns (or is dropped unrun).
+/// A [`Store`] shared by the daemon's tasks, with **group commit**: one writer thread owns the
+/// store and runs the calls in the order they come. Calls that arrive while it is busy are
+/// run together as one batch, in one transaction (each call in a savepoint of its own, so a
+/// refused call changes nothing), committed with one `fsync`; each call's result is handed
+/// back only once its batch is on disk. So concurrent requests share a commit instead of
+/// queueing for one each, and the async tasks never wait on SQLite or `fsync`.
+///
+/// A failed commit fails every call of its batch, with the reason. A batch that SQLite rolled
+/// back on its own (disk full, I/O error) mid-way fails the calls run so far; the rest are run
+/// one by one.
+#[derive(Debug, Clone)]
+pub struct SharedStore {
+    ops: std::sync::mpsc::Sender<Op>,
+    pending: Arc<AtomicUsize>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    trouble: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Counts a call from its start until its result is handed back (or it is dropped unrun).
 struct PendingGuard(Arc<AtomicUsize>);
 
 impl Drop for PendingGuard {
@@ -986,41 +1174,180 @@ impl Drop for PendingGuard {
 }
 
 impl SharedStore {
-    /// Shares `store`.
+    /// Shares `store`, committing batches of up to [`DEFAULT_MAX_BATCH`] calls.
     pub fn new(store: Store) -> Self {
+        Self::with_max_batch(store, DEFAULT_MAX_BATCH)
+    }
+
+    /// Shares `store`, committing batches of up to `max_batch` calls (at least 1; 1 commits
+    /// every call on its own).
+    pub fn with_max_batch(store: Store, max_batch: usize) -> Self {
+        let (ops, queue) = std::sync::mpsc::channel::<Op>();
+        let max_batch = max_batch.max(1);
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = commits.clone();
+        // A thread rather than a blocking-pool task: it lives as long as the store, and a
+        // runtime shutting down does not wait for it.
+        let spawned = std::thread::Builder::new()
+            .name("wk-store".into())
+            .spawn(move || writer(store, &queue, max_batch, &counter));
+        if let Err(e) = spawned {
+            // Every call then fails with StoreError::Lost.
+            tracing::error!(error = %e, "cannot start the store's writer thread");
+        }
         SharedStore {
-            store: Arc::new(Mutex::new(store)),
+            ops,
             pending: Arc::new(AtomicUsize::new(0)),
+            commits,
+            trouble: Arc::default(),
         }
     }
 
-    /// Runs `f` on the store on the blocking pool and waits for it. `op` names the call in a
-    /// [`StoreError::Task`] error.
+    /// Runs `f` on the store on the writer thread and waits until its batch is committed.
+    /// `op` names the call in errors.
     pub async fn call<T, F>(&self, op: impl Into<String>, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
+        let op = op.into();
         self.pending.fetch_add(1, Ordering::AcqRel);
         let guard = PendingGuard(self.pending.clone());
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            // A call that panicked rolled its transaction back when it unwound.
-            let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut store)
-        })
-        .await
-        .map_err(|source| StoreError::Task {
-            op: op.into(),
-            source,
-        })?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Op = Box::new(move |store: &mut Store| {
+            let result = f(store);
+            Box::new(move |failed: Option<&CommitFailure>| {
+                let result = match (result, failed) {
+                    (Ok(_), Some(f)) => Err(StoreError::Commit {
+                        path: f.path.clone(),
+                        message: f.message.clone(),
+                    }),
+                    (result, _) => result,
+                };
+                drop(guard);
+                let _ = tx.send(result);
+            })
+        });
+        let result = if self.ops.send(job).is_err() {
+            Err(StoreError::Lost { op })
+        } else {
+            rx.await.unwrap_or_else(|_| Err(StoreError::Lost { op }))
+        };
+        let mut trouble = self
+            .trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &result {
+            Err(e) if !e.is_refusal() => *trouble = Some(crate::error_chain(e)),
+            Ok(_) if trouble.is_some() => *trouble = None,
+            _ => {}
+        }
+        result
     }
 
-    /// Calls started and not yet finished, the running one included: for diagnostics and
+    /// The failure of the last call, if it failed (not a refusal): cleared by the next call
+    /// that succeeds. For `STATUS=`.
+    pub fn trouble(&self) -> Option<String> {
+        self.trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Calls started and not yet answered, the running ones included: for diagnostics and
     /// tests.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
+    }
+
+    /// Batches run so far (a call run on its own counts as one): for diagnostics, tests and
+    /// benchmarks.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Acquire)
+    }
+}
+
+/// The writer thread: runs batches until every [`SharedStore`] is dropped.
+fn writer(
+    mut store: Store,
+    queue: &std::sync::mpsc::Receiver<Op>,
+    max_batch: usize,
+    commits: &std::sync::atomic::AtomicU64,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut store, batch, commits);
+    }
+}
+
+/// Runs one call on its own, catching a panic (its result is then dropped: the caller gets
+/// [`StoreError::Lost`]).
+fn run_alone(store: &mut Store, op: Op, commits: &std::sync::atomic::AtomicU64) {
+    store.in_batch = false;
+    let finish = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(store)));
+    commits.fetch_add(1, Ordering::AcqRel);
+    if let Ok(finish) = finish {
+        finish(None);
+    }
+}
+
+fn run_batch(store: &mut Store, batch: Vec<Op>, commits: &std::sync::atomic::AtomicU64) {
+    if batch.len() == 1 {
+        for op in batch {
+            run_alone(store, op, commits);
+        }
+        return;
+    }
+    if let Err(e) = store.conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::debug!(error = %e, "cannot begin a batch; running its calls one by one");
+        for op in batch {
+            run_alone(store, op, commits);
+        }
+        return;
+    }
+    store.in_batch = true;
+    let mut finishes = Vec::with_capacity(batch.len());
+    let mut ops = batch.into_iter();
+    let mut rolled_back = false;
+    for op in ops.by_ref() {
+        // A call that panicked rolled its savepoint back as it unwound; its caller gets Lost.
+        if let Ok(finish) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(store))) {
+            finishes.push(finish);
+        }
+        if store.conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O error).
+            rolled_back = true;
+            break;
+        }
+    }
+    store.in_batch = false;
+    let failure = if rolled_back {
+        Some("the batch's transaction was rolled back by SQLite".to_owned())
+    } else {
+        match store.conn.execute_batch("COMMIT") {
+            Ok(()) => None,
+            Err(e) => {
+                let _ = store.conn.execute_batch("ROLLBACK");
+                Some(format!("commit failed: {}", crate::error_chain(&e)))
+            }
+        }
+    };
+    let failure = failure.map(|message| CommitFailure {
+        path: store.path.clone(),
+        message,
+    });
+    commits.fetch_add(1, Ordering::AcqRel);
+    for finish in finishes {
+        finish(failure.as_ref());
+    }
+    for op in ops {
+        run_alone(store, op, commits);
     }
 }
 
@@ -1079,6 +1406,34 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_schema_in_wal_mode_is_refused_without_a_byte_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // A newer daemon's file: rollback journal (as a version we do not know may use),
+        // user_version above ours.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE future (x); INSERT INTO future VALUES (1);")
+            .unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let before = std::fs::read(&path).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::UnknownSchema { .. }), "{e}");
+        assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME], "files appeared next to it");
+        // Not a database at all: untouched too.
+        std::fs::write(&path, b"precious notes").unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::NotADatabase { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious notes");
+    }
+
+    #[test]
     fn an_unknown_schema_version_is_refused_untouched() {
         let (dir, store) = open();
         store
@@ -1113,7 +1468,7 @@ mod tests {
         assert!(a < b && b < c);
         let first = s.claim("w1", POLICY, T0).unwrap().unwrap();
         assert_eq!(first.id, a);
-        assert_eq!(first.spec, json!({"n": 1}));
+        assert_eq!(first.spec.get(), r#"{"n":1}"#);
         assert_eq!(first.attempt, 1);
         assert_eq!(first.lease_secs, 60);
         assert_eq!(s.claim("w2", POLICY, T0).unwrap().unwrap().id, b);
@@ -1358,7 +1713,10 @@ mod tests {
         // The largest spec still comes back in a line within MAX_LINE.
         let job = s.claim("w", POLICY, T0).unwrap().unwrap();
         assert_eq!(job.id, id);
-        let line = serde_json::to_string(&Response::Job { job: Some(job) }).unwrap();
+        let line = serde_json::to_string(&Response::Job {
+            job: Some(job.to_claimed_job()),
+        })
+        .unwrap();
         assert!(line.len() <= MAX_LINE, "{}", line.len());
 
         for bad in [String::new(), "w".repeat(MAX_WORKER_NAME + 1)] {
@@ -1391,7 +1749,10 @@ mod tests {
         for k in 1..=3 {
             let now = T0 + k * 50_000;
             let again = s.claim("w", POLICY, now).unwrap().unwrap();
-            assert_eq!((again.id, again.attempt, again.spec), (id, 1, json!("x")));
+            assert_eq!(
+                (again.id, again.attempt, again.spec.get()),
+                (id, 1, r#""x""#)
+            );
             assert_eq!(again.lease_secs, 60);
             let rec = s.job(id).unwrap().unwrap();
             assert_eq!((rec.attempts, rec.lease_until_ms), (1, Some(now + 60_000)));
@@ -1506,6 +1867,107 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.stats().unwrap(), stats(1, 1, 1, 0, 0, 0));
         assert_eq!(s.job(10).unwrap().unwrap().spec, r#""d""#);
+    }
+
+    #[test]
+    fn specs_come_back_byte_for_byte() {
+        let (_d, mut s) = open();
+        let text =
+            r#"{"command": ["echo"], "n":18446744073709551616123, "f":1.10, "b":{"z":1,"a":2}}"#;
+        let id = s.submit_raw(text, T0).unwrap();
+        assert_eq!(s.claim("w", POLICY, T0).unwrap().unwrap().spec.get(), text);
+        assert_eq!(s.job(id).unwrap().unwrap().spec, text);
+        let e = s.submit_raw("{nope", T0).unwrap_err();
+        assert!(
+            e.is_refusal() && e.to_string().starts_with("job spec is not JSON"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_commit_together_and_a_refused_one_changes_nothing() {
+        let (_d, s) = open();
+        let shared = SharedStore::new(s);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shared
+                    .call("block", move |_| {
+                        let _ = started_tx.send(());
+                        let _ = wait.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        started.recv_timeout(Duration::from_secs(10)).unwrap();
+        let commits_before = shared.commits();
+        // 50 submits and a refused report queue up behind the blocker: one batch.
+        let mut calls = Vec::new();
+        for n in 0..50 {
+            let shared = shared.clone();
+            calls.push(tokio::spawn(async move {
+                shared
+                    .call("submit", move |s| s.submit(&json!(n), T0))
+                    .await
+            }));
+        }
+        let refused = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shared
+                    .call("complete", |s| s.complete(4242, "w", Some(0), T0))
+                    .await
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shared.pending() < 52 {
+            assert!(tokio::time::Instant::now() < deadline, "calls never queued");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        let mut ids = Vec::new();
+        for call in calls {
+            ids.push(call.await.unwrap().unwrap());
+        }
+        assert!(matches!(
+            refused.await.unwrap(),
+            Err(StoreError::NoSuchJob { id: 4242 })
+        ));
+        assert_eq!(
+            shared.commits() - commits_before,
+            2,
+            "the blocker, then one batch"
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 50);
+        let stats = shared.call("stats", |s| s.stats()).await.unwrap();
+        assert_eq!(stats.queued, 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_max_batch_1_every_call_commits_alone() {
+        let (_d, s) = open();
+        let shared = SharedStore::with_max_batch(s, 1);
+        let before = shared.commits();
+        let calls: Vec<_> = (0..10)
+            .map(|n| {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    shared
+                        .call("submit", move |s| s.submit(&json!(n), T0))
+                        .await
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(shared.commits() - before, 10);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

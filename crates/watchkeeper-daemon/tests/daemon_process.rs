@@ -658,3 +658,109 @@ fn sigterm_during_the_start_is_a_clean_stop() {
     manager.check_stopped_cleanly().unwrap();
     assert!(!dirs.socket().exists(), "socket file left behind");
 }
+
+#[test]
+fn an_unusable_socket_path_fails_the_start_before_the_store_is_created_and_leaves_no_lock() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    std::fs::create_dir_all(dirs.socket().parent().unwrap()).unwrap();
+    std::fs::write(dirs.socket(), "not a socket").unwrap();
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("exists and is not a socket"), "{log}");
+    assert!(!dirs.state().exists(), "the store was created: {log}");
+    let lock = PathBuf::from(format!("{}.lock", dirs.socket().display()));
+    assert!(!lock.exists(), "{} left behind", lock.display());
+    assert_eq!(
+        std::fs::read_to_string(dirs.socket()).unwrap(),
+        "not a socket"
+    );
+}
+
+#[test]
+fn a_clean_stop_leaves_no_lock_file() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    let manager = FakeManager::start().unwrap();
+    let daemon = Daemon::start(&manager, &dirs, &[], None);
+    manager
+        .wait_for("READY=1", DEADLINE, |r| r.has("READY", "1"))
+        .unwrap();
+    daemon.signal(Signal::TERM);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!dirs.socket().exists());
+    let lock = PathBuf::from(format!("{}.lock", dirs.socket().display()));
+    assert!(!lock.exists(), "{} left behind", lock.display());
+}
+
+#[test]
+fn socket_activated_with_a_broken_config_it_stays_up_answering_the_error_then_exits_6() {
+    let dirs = Dirs::new();
+    dirs.write_config("max_attempts = 0\n");
+    let path = dirs.dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // A connection already queued, as the one that triggered the start.
+    let queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let manager = FakeManager::start().unwrap();
+    let mut cmd = Daemon::command(&manager, "sh", None);
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+        .arg(EXE)
+        .args([OsStr::new("--state-dir"), dirs.state().as_os_str()])
+        .args([OsStr::new("--config"), dirs.config().as_os_str()])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "daemon");
+    let src = listener.as_raw_fd();
+    let setup_fd3 = move || {
+        // SAFETY: `src` is the test's listener, open in the forked child until exec.
+        let src = unsafe { BorrowedFd::borrow_raw(src) };
+        // SAFETY: fd 3 is replaced by dup2 and never closed through this handle.
+        let mut three = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(3) });
+        rustix::io::dup2(src, &mut three)?;
+        rustix::io::fcntl_setfd(three.as_fd(), FdFlags::empty())?;
+        Ok(())
+    };
+    // SAFETY: the closure only makes async-signal-safe system calls (dup2, fcntl) between fork
+    // and exec, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(setup_fd3);
+    }
+    let daemon = Daemon::spawn(cmd, &dirs);
+    drop(listener);
+    let ready = manager
+        .wait_for("READY=1", DEADLINE, |r| r.has("READY", "1"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let config = dirs.config().display().to_string();
+    let status = ready.get("STATUS").unwrap_or_default().to_owned();
+    assert!(
+        status.starts_with("configuration error: ") && status.contains(&config),
+        "{status}"
+    );
+    // The queued connection and every new one get the reason; the daemon keeps running.
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::BufReader::new(queued)
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains(r#""code":"unavailable""#), "{line}");
+    let rt = runtime();
+    for _ in 0..3 {
+        let mut client = rt.block_on(Client::connect(&path)).unwrap();
+        let e = rt.block_on(client.ping()).unwrap_err();
+        match &e {
+            ClientError::Unavailable { reason, .. } => assert!(
+                reason.starts_with("unavailable: configuration error: ")
+                    && reason.contains(&format!("{config}: max_attempts = 0 is invalid")),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!dirs.state().exists(), "a store was created");
+    daemon.signal(Signal::TERM);
+    let (status, log) = daemon.wait();
+    assert_eq!(status.code(), Some(6), "{log}");
+}

@@ -40,6 +40,8 @@ struct Setup {
     group: Option<u32>,
     /// Connection cap and idle timeout, instead of the defaults.
     limits: Option<(usize, Duration)>,
+    /// The store's directory, instead of one in the tempdir.
+    state: Option<PathBuf>,
 }
 
 impl Server {
@@ -50,7 +52,11 @@ impl Server {
     async fn start_with(setup: Setup) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/daemon.sock");
-        let store = SharedStore::new(Store::open_in(&dir.path().join("state")).unwrap());
+        let state = setup
+            .state
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let store = SharedStore::new(Store::open_in(&state).unwrap());
         let (listener, file) = listener::bind(&path, setup.group).unwrap();
         let (config, config_rx) = watch::channel(setup.config);
         let mut broker = Broker::new(store.clone(), config_rx, setup.extra_uids);
@@ -249,6 +255,48 @@ async fn complete_and_claim_reports_and_hands_out_the_next_job_in_one_round_trip
             ..Stats::default()
         }
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_comes_back_byte_for_byte_and_unknown_or_missing_fields_are_errors() {
+    let server = Server::start().await;
+    let mut raw = server.raw().await;
+    let job = r#"{"command":["echo"],  "big":18446744073709551616123,"f":1.10,"b":{"z":1,"a":2}}"#;
+    let submitted = raw
+        .call(format!("{{\"op\":\"submit\",\"job\":{job}}}\n").as_bytes())
+        .await;
+    assert!(
+        matches!(submitted, Response::Submitted { .. }),
+        "{submitted:?}"
+    );
+    raw.send(b"{\"op\":\"claim\",\"worker\":\"w\"}\n").await;
+    let mut line = String::new();
+    raw.reader.read_line(&mut line).await.unwrap();
+    assert!(line.contains(&format!(r#""spec":{job},"#)), "{line}");
+    // Through the client, from text.
+    let mut c = server.client().await;
+    let text =
+        serde_json::value::RawValue::from_string(r#"{"n":123456789012345678901234567890}"#.into())
+            .unwrap();
+    assert!(c.submit_raw(&text).await.is_ok());
+
+    for (bad, problem) in [
+        (r#"{"op":"ping","extra":1}"#, "unknown field `extra`"),
+        (r#"{"op":"reload","force":true}"#, "unknown field `force`"),
+        (r#"{"op":"stats","x":null}"#, "unknown field `x`"),
+        (
+            r#"{"op":"complete","id":1,"worker":"w"}"#,
+            "missing field `exit_code`",
+        ),
+    ] {
+        let response = raw.call(format!("{bad}\n").as_bytes()).await;
+        let error = error_text(&response);
+        assert!(
+            error.starts_with("invalid request: ") && error.contains(problem),
+            "{bad}: {error}"
+        );
+    }
     server.stop().await;
 }
 
@@ -902,5 +950,80 @@ async fn a_refused_client_reads_the_refusal_every_time_not_a_broken_pipe() {
             r#"{{"result":"error","error":"uid {PEER} is not allowed","code":"not_allowed"}}|then:Ok(0)|write:ok"#
         )
     );
+    server.stop().await;
+}
+
+/// Unmounts on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_answered_unavailable_and_shown_as_the_stores_trouble() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = rustix::process::getuid().is_root()
+        && std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+            .arg(mnt.path())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs root and tmpfs to fill a disk"
+        );
+        eprintln!("SKIPPED: needs root and a tmpfs mount to fill a disk");
+        return;
+    }
+    let _mount = Mount(mnt.path().to_owned());
+    let server = Server::start_with(Setup {
+        state: Some(mnt.path().join("state")),
+        ..Setup::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    c.submit(json!("before")).await.unwrap();
+    // Fill the file system.
+    let filler = mnt.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let big = "x".repeat(32 * 1024);
+    let mut seen = None;
+    for _ in 0..200 {
+        match c.submit(json!(big)).await {
+            Ok(_) => continue,
+            Err(e) => {
+                seen = Some(e);
+                break;
+            }
+        }
+    }
+    let e = seen.expect("submits kept succeeding on a full disk");
+    match &e {
+        ClientError::Unavailable { reason, .. } => {
+            assert!(
+                reason.starts_with("unavailable: ") && reason.contains("full"),
+                "{reason}"
+            );
+            assert!(!reason.contains('\n'), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let trouble = server.store.trouble().expect("no trouble recorded");
+    assert!(trouble.contains("full"), "{trouble}");
+    // The connection still works, and the store recovers once there is room.
+    assert!(c.ping().await.is_ok());
+    std::fs::remove_file(&filler).unwrap();
+    c.submit(json!("after")).await.unwrap();
+    assert_eq!(server.store.trouble(), None);
     server.stop().await;
 }

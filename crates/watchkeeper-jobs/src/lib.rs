@@ -482,12 +482,20 @@ impl Client {
     /// the line the daemon sent is still read: a refusal is reported as such, not as a broken
     /// pipe.
     pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let out = serde_json::to_vec(req).map_err(|e| ClientError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        self.call_line(out).await
+    }
+
+    /// Sends one request line (`out`, without its newline) and reads its response.
+    async fn call_line(&mut self, mut out: Vec<u8>) -> Result<Response, ClientError> {
         let path = self.path.clone();
         let io = |source| ClientError::Io {
             path: path.clone(),
             source,
         };
-        let mut out = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
         out.push(b'\n');
         let sent = self.writer.write_all(&out).await;
         self.line.clear();
@@ -548,6 +556,21 @@ impl Client {
     /// `submit`: the new job's id, once it is durably stored.
     pub async fn submit(&mut self, job: serde_json::Value) -> Result<u64, ClientError> {
         match self.call(&Request::Submit { job }).await? {
+            Response::Submitted { id } => Ok(id),
+            r => Err(self.unexpected(r)),
+        }
+    }
+
+    /// `submit` of a job given as JSON text, which the daemon stores and hands out byte for
+    /// byte (a [`serde_json::Value`] cannot carry every number exactly).
+    pub async fn submit_raw(
+        &mut self,
+        job: &serde_json::value::RawValue,
+    ) -> Result<u64, ClientError> {
+        let mut out = br#"{"op":"submit","job":"#.to_vec();
+        out.extend_from_slice(job.get().as_bytes());
+        out.push(b'}');
+        match self.call_line(out).await? {
             Response::Submitted { id } => Ok(id),
             r => Err(self.unexpected(r)),
         }

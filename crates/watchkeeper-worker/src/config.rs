@@ -30,6 +30,8 @@ pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5000;
 pub const BACKOFF_INITIAL_MS: u64 = 100;
 /// Upper bound of `poll_interval_ms` and `backoff_max_ms` (one hour).
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// The largest configuration file read, in bytes (1 MiB).
+pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
 /// Upper bound of `grace_secs` (one hour).
 pub const MAX_GRACE_SECS: u64 = 3_600;
 
@@ -104,12 +106,22 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and checks the configuration file at `path`.
+    /// Reads and checks the configuration file at `path`. Only a regular file of at most
+    /// [`MAX_CONFIG_SIZE`] bytes is read, opened so that it cannot block: a FIFO is an error,
+    /// not a hang, and `/dev/zero` an error, not an endless read.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        };
+        let bytes = watchkeeper::fsutil::read_regular_file_bounded(path, MAX_CONFIG_SIZE)
+            .map_err(read_err)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not valid UTF-8",
+            ))
         })?;
         Self::parse(&text, path)
     }
@@ -297,6 +309,28 @@ mod tests {
                 .starts_with("config file w.toml:2:1: invalid TOML: unknown field `bogus`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        // /dev/zero would be read forever; a FIFO would block the open.
+        let e = Config::load("/dev/zero").unwrap_err();
+        let msg = crate::chain(&e);
+        assert!(msg.contains("not a regular file"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let msg = crate::chain(&Config::load(&fifo).unwrap_err());
+        assert!(msg.contains("not a regular file"), "{msg}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, "#".repeat(MAX_CONFIG_SIZE as usize + 1)).unwrap();
+        let msg = crate::chain(&Config::load(&big).unwrap_err());
+        assert!(msg.contains("larger than"), "{msg}");
     }
 
     #[test]

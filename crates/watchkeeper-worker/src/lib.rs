@@ -171,6 +171,13 @@ pub enum WorkerError {
     /// within its bound.
     #[error(transparent)]
     Service(#[from] ServiceError),
+    /// The daemon refused the worker for good (its uid is not allowed, or the socket cannot be
+    /// used): retrying, or restarting the worker, would not help.
+    #[error("{message}")]
+    Refused {
+        /// What the daemon said, e.g. `refused by the daemon: uid 1001 is not allowed`.
+        message: String,
+    },
     /// The poll loop panicked.
     #[error("the poll loop failed: {0}")]
     PollLoop(String),
@@ -187,6 +194,7 @@ impl WorkerError {
             | WorkerError::Heartbeat(_)
             | WorkerError::HeartbeatNotWritable { .. }
             | WorkerError::NotifyUnsupported { .. }
+            | WorkerError::Refused { .. }
             | WorkerError::Logging(LoggingError::InvalidFilter { .. })
             | WorkerError::Service(ServiceError::Env(_)) => EXIT_CONFIG,
             _ => 1,
@@ -250,12 +258,22 @@ pub async fn run(opts: Options) -> Result<(), WorkerError> {
             writer,
             opts.drill_stale_heartbeat_after,
         )?,
+        controller: Some(service.controller()),
     };
-    let poll_loop = service.spawn(poll::PollLoop::new(settings, supervision).run());
+    // Why the loop stopped the service itself, if it did.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
+    let poll_loop = service.spawn(async move {
+        let fatal = poll::PollLoop::new(settings, supervision).run().await;
+        let _ = fatal_tx.send(fatal);
+    });
     service.run(watchkeeper::service::no_reload).await?;
     poll_loop
         .await
-        .map_err(|e| WorkerError::PollLoop(e.to_string()))
+        .map_err(|e| WorkerError::PollLoop(e.to_string()))?;
+    match fatal_rx.try_recv() {
+        Ok(Some(message)) => Err(WorkerError::Refused { message }),
+        _ => Ok(()),
+    }
 }
 
 /// Creates and removes a probe file beside the heartbeat, so that a directory the worker cannot

@@ -69,6 +69,8 @@ pub(crate) struct Supervision {
     pub(crate) progress: Progress,
     pub(crate) stop: CancellationToken,
     pub(crate) heartbeat: WorkerHeartbeat,
+    /// To stop the service when the daemon refuses the worker for good.
+    pub(crate) controller: Option<watchkeeper::service::Controller>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -150,6 +152,10 @@ pub(crate) struct PollLoop {
     counters: Counters,
     stopping: Option<Stopping>,
     last_status: Option<String>,
+    /// Why the worker stops itself: a permanent refusal by the daemon.
+    fatal: Option<String>,
+    /// The daemon answers `complete_and_claim` (false after it did not know it).
+    combined_supported: bool,
 }
 
 impl PollLoop {
@@ -173,11 +179,15 @@ impl PollLoop {
             counters: Counters::default(),
             stopping: None,
             last_status: None,
+            fatal: None,
+            combined_supported: true,
         }
     }
 
     /// Runs until the service stops and nothing is left to do (or to report within the bound).
-    pub(crate) async fn run(mut self) {
+    /// Returns why it stopped the service itself, if it did: the daemon refused the worker for
+    /// good (a permanent error, see [`ClientError::is_permanent`]).
+    pub(crate) async fn run(mut self) -> Option<String> {
         if let Some(delay) = self.settings.drills.slow_start {
             self.slow_start(delay).await;
         }
@@ -198,6 +208,12 @@ impl PollLoop {
                 std::process::abort();
             }
             self.cycle().await;
+            if self.fatal.is_some() && self.stopping.is_none() {
+                if let Some(controller) = &self.sup.controller {
+                    controller.request_shutdown().await;
+                }
+                self.begin_stop();
+            }
             self.sup.heartbeat.next_cycle();
             self.sup.progress.tick();
             self.publish().await;
@@ -206,6 +222,22 @@ impl PollLoop {
             }
         }
         self.finish().await;
+        self.fatal.take()
+    }
+
+    /// The daemon refused the worker in a way no retry can change (its uid is not allowed, the
+    /// socket cannot be used): no more connections, and the worker stops (exit 78).
+    fn permanent(&mut self, e: &ClientError) {
+        let text = match e {
+            ClientError::NotAllowed { reason, .. } => format!("refused by the daemon: {reason}"),
+            other => format!("cannot use the daemon's socket: {}", crate::chain(other)),
+        };
+        tracing::error!("{text}; stopping (a restart would not help)");
+        self.client = None;
+        self.daemon_error = Some(text.clone());
+        // Never again: the stop below ends the loop.
+        self.next_connect = Instant::now() + Duration::from_secs(86_400);
+        self.fatal.get_or_insert(text);
     }
 
     /// The slow-start drill: waits `delay` before the first connection, asking the manager for
@@ -384,6 +416,7 @@ impl PollLoop {
                     }
                 }
             }
+            Ok(Err(e)) if e.is_permanent() => self.permanent(&e),
             Ok(Err(e)) => self.unreachable(crate::chain(&e)),
             Err(_) => self.unreachable(format!(
                 "{}: no answer to ping within {limit:?}",
@@ -445,6 +478,10 @@ impl PollLoop {
         match result {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(ClientError::Refused { error, .. })) => Err(CallError::Refused(error)),
+            Ok(Err(e)) if e.is_permanent() => {
+                self.permanent(&e);
+                Err(CallError::Lost)
+            }
             Ok(Err(e)) => {
                 self.unreachable(crate::chain(&e));
                 Err(CallError::Lost)
@@ -493,28 +530,97 @@ impl PollLoop {
         while self.client.is_some()
             && let Some(req) = self.unreported.front().cloned()
         {
+            if let Some(done) = self.complete_and_claim(&req).await {
+                if done {
+                    continue;
+                }
+                break;
+            }
             match self.call_done(&req).await {
                 Ok(()) => {
                     self.unreported.pop_front();
                     tracing::info!(job = job_id(&req), op = op(&req), "reported");
                 }
-                Err(CallError::Refused(error)) => {
-                    self.unreported.pop_front();
-                    tracing::warn!(
-                        job = job_id(&req),
-                        op = op(&req),
-                        %error,
-                        "the daemon refused the outcome (the lease may have expired); dropping it"
-                    );
-                    if let Request::Complete { id, exit_code, .. } = req {
-                        if self.refused.len() == REMEMBERED_REFUSALS {
-                            self.refused.pop_front();
-                        }
-                        self.refused.push_back((id, exit_code));
-                    }
-                }
+                Err(CallError::Refused(error)) => self.outcome_refused(&req, &error),
                 Err(CallError::Lost) => break,
             }
+        }
+    }
+
+    /// The daemon refused the outcome at the front of the queue: it is dropped, and a job that
+    /// ran here is remembered, so that it is reported, not run again, if it comes back.
+    fn outcome_refused(&mut self, req: &Request, error: &str) {
+        self.unreported.pop_front();
+        tracing::warn!(
+            job = job_id(req),
+            op = op(req),
+            %error,
+            "the daemon refused the outcome (the lease may have expired); dropping it"
+        );
+        if let Request::Complete { id, exit_code, .. } = req {
+            if self.refused.len() == REMEMBERED_REFUSALS {
+                self.refused.pop_front();
+            }
+            self.refused.push_back((*id, *exit_code));
+        }
+    }
+
+    /// Reports a job's outcome and claims the next one in one round trip (one commit in the
+    /// daemon), when the outcome is the only one held and the worker would claim next anyway.
+    /// `None`: not applicable, report `req` alone; `Some(true)`: reported (and the next job,
+    /// if any, dispatched); `Some(false)`: the connection was lost.
+    async fn complete_and_claim(&mut self, req: &Request) -> Option<bool> {
+        let Request::Complete {
+            id,
+            worker,
+            exit_code,
+        } = req
+        else {
+            return None;
+        };
+        let would_claim = self.combined_supported
+            && self.unreported.len() == 1
+            && self.running.is_none()
+            && self.stopping.is_none()
+            && !self.sup.stop.is_cancelled();
+        if !would_claim {
+            return None;
+        }
+        let combined = Request::CompleteAndClaim {
+            id: *id,
+            worker: worker.clone(),
+            exit_code: *exit_code,
+        };
+        match self.call(&combined).await {
+            Ok(Response::Job { job }) => {
+                self.unreported.pop_front();
+                tracing::info!(job = id, op = "complete", "reported");
+                match job {
+                    Some(job) => self.dispatch(job),
+                    None => {
+                        // The claim is answered: nothing queued. Poll again after the interval.
+                        self.again = false;
+                        self.next_poll = Instant::now() + self.settings.poll_interval;
+                    }
+                }
+                Some(true)
+            }
+            Ok(other) => {
+                self.unreachable(format!("unexpected answer {other:?} to complete_and_claim"));
+                Some(false)
+            }
+            // A daemon that predates the request: report alone, from now on.
+            Err(CallError::Refused(error)) if error.contains("unknown variant") => {
+                tracing::info!(%error, "the daemon has no complete_and_claim; reporting alone");
+                self.combined_supported = false;
+                None
+            }
+            // Refused like a `complete` (nothing was claimed): never offered twice.
+            Err(CallError::Refused(error)) => {
+                self.outcome_refused(req, &error);
+                Some(true)
+            }
+            Err(CallError::Lost) => Some(false),
         }
     }
 
@@ -906,6 +1012,7 @@ mod tests {
                 None,
             )
             .unwrap(),
+            controller: None,
         };
         (PollLoop::new(settings, sup), service)
     }

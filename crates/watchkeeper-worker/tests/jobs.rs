@@ -94,9 +94,10 @@ fn allowlisted_job_completes_with_its_exit_code() {
         30,
     );
     let done = broker.wait_for("complete of job 1", |r| is_complete(r, 1).is_some());
+    // Reported with the next claim in one round trip: nothing else is held.
     assert_eq!(
         done,
-        Request::Complete {
+        Request::CompleteAndClaim {
             id: 1,
             worker: "w1".into(),
             exit_code: Some(3)
@@ -228,7 +229,10 @@ fn heartbeat_counts_outcomes_and_names_the_worker() {
         count(r, |r| {
             matches!(
                 r,
-                Request::Complete { .. } | Request::Deny { .. } | Request::Quarantine { .. }
+                Request::Complete { .. }
+                    | Request::CompleteAndClaim { .. }
+                    | Request::Deny { .. }
+                    | Request::Quarantine { .. }
             )
         }) == 5
     });
@@ -522,4 +526,58 @@ fn bad_config_exits_78_naming_the_file_and_key() {
         "{stderr}"
     );
     assert!(manager.is_empty(), "{:?}", manager.records());
+}
+
+#[test]
+fn outcomes_and_claims_share_a_round_trip_and_an_older_daemon_gets_plain_reports() {
+    let scene = Scene::new();
+    let broker = Broker::start(&scene.socket());
+    let manager = FakeManager::start().unwrap();
+    let config = scene.config(&["sh"], "");
+    for id in 1..=3 {
+        broker.push(id, json!({"command": ["sh", "-c", "exit 0"]}), 30);
+    }
+    let worker = Worker::start(&manager, None, &scene.args(&config));
+    broker.wait_until("three outcomes", |r| {
+        (1..=3).all(|id| r.iter().any(|r| is_complete(r, id).is_some()))
+    });
+    let received = broker.received();
+    // One claim for the first job; each outcome carries the claim of the next.
+    assert_eq!(
+        count(&received, |r| matches!(r, Request::Claim { .. })),
+        1,
+        "{received:#?}"
+    );
+    assert_eq!(
+        count(&received, |r| matches!(r, Request::CompleteAndClaim { .. })),
+        3,
+        "{received:#?}"
+    );
+
+    // A daemon that does not know the request: the outcome is reported alone, not dropped.
+    broker.without_complete_and_claim();
+    broker.push(4, json!({"command": ["sh", "-c", "exit 5"]}), 30);
+    broker.push(5, json!({"command": ["sh", "-c", "exit 6"]}), 30);
+    broker.wait_until("plain completes of 4 and 5", |r| {
+        r.iter().any(|r| {
+            matches!(
+                r,
+                Request::Complete {
+                    id: 4,
+                    exit_code: Some(5),
+                    ..
+                }
+            )
+        }) && r.iter().any(|r| {
+            matches!(
+                r,
+                Request::Complete {
+                    id: 5,
+                    exit_code: Some(6),
+                    ..
+                }
+            )
+        })
+    });
+    stop_cleanly(&manager, worker);
 }

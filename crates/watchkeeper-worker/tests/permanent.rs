@@ -187,3 +187,28 @@ fn a_daemon_restart_is_logged_with_its_reason_at_info() {
     let (status, _) = worker.wait();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_refusal_by_the_daemon_stops_the_worker_with_78() {
+    let scene = Scene::new();
+    let broker = Broker::start(&scene.socket());
+    broker.refuse_connections("uid 1001 is not allowed");
+    let manager = FakeManager::start().unwrap();
+    let config = scene.config(&["sh"], "");
+    let worker = Worker::start(&manager, None, &scene.args(&config));
+    let (status, stderr) = worker.wait();
+    assert_eq!(status.code(), Some(78), "{stderr}");
+    assert!(
+        last_line(&stderr).starts_with("watchkeeper-worker: refused by the daemon: ")
+            && last_line(&stderr).contains("uid 1001 is not allowed"),
+        "{stderr}"
+    );
+    // Once: a refusal is not retried.
+    assert_eq!(broker.refused_connections(), 1);
+    assert!(
+        manager
+            .records()
+            .iter()
+            .all(|r| r.get("READY") != Some("1"))
+    );
+}

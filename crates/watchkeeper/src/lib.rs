@@ -8,11 +8,13 @@
 //! * `SIGHUP` → `RELOADING=1` + `MONOTONIC_USEC=`, the service's reload, `READY=1`;
 //!   `SIGTERM` → `STOPPING=1` and a bounded graceful stop that no dropped future can lose, a
 //!   stop during the start included ([`Service`], [`ShutdownToken`]);
-//! * watchdog pings at half `WATCHDOG_USEC`, **sent only while every registered work loop makes
-//!   progress**, so that a hung loop gets the service restarted ([`watchdog`]);
+//! * watchdog pings **sent only while every registered work loop makes progress**, with
+//!   systemd's own tolerance and never before `READY=1`, so that a hung or dead loop gets the
+//!   service restarted and a healthy one never does ([`watchdog`]);
 //! * an atomic, versioned JSON heartbeat file for operators and probes ([`heartbeat`]);
 //! * `tracing` to journald when `JOURNAL_STREAM` says stderr is the journal, plain stderr
 //!   otherwise ([`logging`]);
+//! * the same for services on plain threads, without an async runtime ([`blocking`]);
 //! * socket-activated listeners ([`activation`]) and `$CREDENTIALS_DIRECTORY` ([`credentials`]).
 //!
 //! The protocol follows systemd's own `sd_notify(3)`, `sd_watchdog_enabled(3)`,
@@ -75,6 +77,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
+pub mod blocking;
 pub mod credentials;
 pub mod env;
 pub mod fsutil;

@@ -97,6 +97,10 @@ pub enum ServiceError {
         /// Its error, or the panic's message.
         error: String,
     },
+    /// The runtime behind a [`BlockingService`](crate::blocking::BlockingService)'s keeper could
+    /// not be started.
+    #[error("cannot start the watchdog keeper's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// The graceful stop did not finish in time.
     #[error(
         "graceful stop did not finish within {timeout:?}: {still_running} task(s) still running{}",
@@ -315,7 +319,7 @@ impl ServiceBuilder {
 /// dropped Service's default action kill the process when a later Service got `SIGTERM`;
 /// unregistering it on drop instead would leave the signals ignored after the last Service.)
 #[derive(Debug)]
-struct SignalDefaults {
+pub(crate) struct SignalDefaults {
     /// Services that handle signals now.
     live: usize,
     /// Whether the conditional defaults are registered.
@@ -334,10 +338,10 @@ static SIGNAL_DEFAULTS: LazyLock<Mutex<SignalDefaults>> = LazyLock::new(|| {
 
 /// A live Service's share of [`SignalDefaults`]; dropping it may restore the defaults.
 #[derive(Debug)]
-struct SignalDefaultsGuard;
+pub(crate) struct SignalDefaultsGuard;
 
 impl SignalDefaults {
-    fn acquire() -> SignalDefaultsGuard {
+    pub(crate) fn acquire() -> SignalDefaultsGuard {
         // A panic under this lock leaves two plain fields; the counts stay usable.
         let mut d = SIGNAL_DEFAULTS
             .lock()

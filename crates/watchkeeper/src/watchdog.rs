@@ -607,6 +607,7 @@ impl Progress {
     /// Wrap only the wait, not the work that follows it: work is gated by its ticks as usual.
     ///
     /// ```no_run
+    /// # #![allow(dead_code)]
     /// # async fn doc(service: &watchkeeper::Service, listener: tokio::net::TcpListener) {
     /// let progress = service.register_loop("accept");
     /// loop {

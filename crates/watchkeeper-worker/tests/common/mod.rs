@@ -34,6 +34,13 @@ struct BrokerState {
     hang_up_on_complete: HashSet<u64>,
     /// `renew` and `complete` for these ids are refused ("lease lost").
     lease_lost: HashSet<u64>,
+    /// Every connection gets this refusal line at once and is closed, as the daemon answers a
+    /// uid it does not allow.
+    refuse_connections: Option<String>,
+    /// Connections refused so far.
+    refused_connections: usize,
+    /// Answers `complete_and_claim` as a daemon that predates it does.
+    old_daemon: bool,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +59,29 @@ impl BrokerShared {
     fn handle(&self, req: Request) -> Option<Response> {
         let mut state = self.lock();
         state.received.push(req.clone());
+        // `complete_and_claim` is a `complete`, then (if it was done) a `claim`, as in the daemon.
+        let (req, and_claim) = match req {
+            Request::CompleteAndClaim { .. } if state.old_daemon => {
+                drop(state);
+                self.changed.notify_all();
+                return Some(Response::error(
+                    "invalid request: unknown variant `complete_and_claim`, expected one of `ping`, `claim`",
+                ));
+            }
+            Request::CompleteAndClaim {
+                id,
+                worker,
+                exit_code,
+            } => (
+                Request::Complete {
+                    id,
+                    worker,
+                    exit_code,
+                },
+                true,
+            ),
+            other => (other, false),
+        };
         let response = match req {
             Request::Ping => Response::Pong {
                 version: "fake-broker".into(),
@@ -81,6 +111,13 @@ impl BrokerShared {
             | Request::CompleteAndClaim { .. }
             | Request::Stats
             | Request::Reload => Response::error("not supported by the fake broker"),
+        };
+        let response = if and_claim && response == Response::Done {
+            Response::Job {
+                job: state.queue.pop_front(),
+            }
+        } else {
+            response
         };
         drop(state);
         self.changed.notify_all();
@@ -182,6 +219,23 @@ impl Broker {
         self.shared.lock().refuse_complete.insert(id);
     }
 
+    /// From now on every connection is answered with `error` (code `not_allowed`) and closed
+    /// at once, as the daemon does for a uid it does not allow.
+    pub fn refuse_connections(&self, error: &str) {
+        self.shared.lock().refuse_connections = Some(error.to_owned());
+    }
+
+    /// From now on `complete_and_claim` is refused as an unknown request, as by an older
+    /// daemon.
+    pub fn without_complete_and_claim(&self) {
+        self.shared.lock().old_daemon = true;
+    }
+
+    /// How many connections were refused.
+    pub fn refused_connections(&self) -> usize {
+        self.shared.lock().refused_connections
+    }
+
     /// From now on, `renew` and `complete` of job `id` are refused: its lease is lost.
     pub fn lose_lease(&self, id: u64) {
         self.shared.lock().lease_lost.insert(id);
@@ -234,6 +288,25 @@ impl Drop for Broker {
 
 async fn serve(stream: UnixStream, shared: Arc<BrokerShared>, stop: CancellationToken) {
     let (r, mut w) = stream.into_split();
+    let refusal = {
+        let mut state = shared.lock();
+        let refusal = state.refuse_connections.clone();
+        if refusal.is_some() {
+            state.refused_connections += 1;
+        }
+        refusal
+    };
+    if let Some(error) = refusal {
+        shared.changed.notify_all();
+        let response = Response::Error {
+            error,
+            code: Some(watchkeeper_jobs::ErrorCode::NotAllowed),
+        };
+        let mut out = serde_json::to_vec(&response).unwrap();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+        return;
+    }
     let mut lines = BufReader::new(r).lines();
     loop {
         let line = tokio::select! {
@@ -259,9 +332,15 @@ async fn serve(stream: UnixStream, shared: Arc<BrokerShared>, stop: Cancellation
 // ---------------------------------------------------------------------------------------------
 // Matching requests
 
+/// The exit code reported for `job` by `req`: a `complete` or a `complete_and_claim`.
 pub fn is_complete(req: &Request, job: u64) -> Option<Option<i32>> {
     match req {
-        Request::Complete { id, exit_code, .. } if *id == job => Some(*exit_code),
+        Request::Complete { id, exit_code, .. }
+        | Request::CompleteAndClaim { id, exit_code, .. }
+            if *id == job =>
+        {
+            Some(*exit_code)
+        }
         _ => None,
     }
 }

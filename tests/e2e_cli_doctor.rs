@@ -1,0 +1,231 @@
+//! End to end, under a real `systemd --user`: `watchkeeper doctor` finds each planted fault of
+//! the runbook, one line each with the command that fixes it, and nothing on a sound
+//! installation.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use support::wk::{DAEMON, SOCKET, Wk, built_binary};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const ALPHA: &str = "watchkeeper-worker@alpha.service";
+
+/// Linger is logind's file; the test enables it by hand (no logind here) and removes it.
+struct Linger(PathBuf);
+impl Drop for Linger {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn doctor(wk: &Wk, bin: &Path, extra: &[&str]) -> (i32, Vec<String>) {
+    let mut args = vec!["doctor"];
+    args.extend(extra);
+    let o = wk.run(bin, &args);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!(
+        "$ watchkeeper {}\n{text}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (
+        o.status.code().unwrap_or(-1),
+        text.lines().map(str::to_owned).collect(),
+    )
+}
+
+/// Asserts that a finding containing `needle` is there, with a fix containing `fix`.
+fn has(lines: &[String], needle: &str, fix: &str) -> Result<()> {
+    ensure!(
+        lines.iter().any(|l| l.contains(needle)
+            && l.split_once(": fix: ")
+                .is_some_and(|(_, f)| f.contains(fix))),
+        "no finding {needle:?} with fix {fix:?} in {lines:#?}"
+    );
+    Ok(())
+}
+
+fn clean(wk: &Wk, bin: &Path) -> Result<()> {
+    let (code, lines) = doctor(wk, bin, &[]);
+    ensure!(code == 0 && lines == ["no findings"], "{code}: {lines:#?}");
+    Ok(())
+}
+
+#[test]
+fn doctor_finds_each_planted_fault() -> Result<()> {
+    let Some(wk) = Wk::start(None, None)? else {
+        return Ok(());
+    };
+    let bin = wk.install_binary(&built_binary("watchkeeper")?);
+    wk.systemctl_ok(["start", SOCKET, DAEMON, ALPHA])?;
+    wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
+
+    // Linger off (no logind file for the user).
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4, "exit {code}");
+    has(
+        &lines,
+        "linger is off",
+        &format!("loginctl enable-linger {}", wk.user_name()),
+    )?;
+    fs::create_dir_all("/var/lib/systemd/linger")?;
+    let linger = Linger(Path::new("/var/lib/systemd/linger").join(wk.user_name()));
+    fs::write(&linger.0, "")?;
+    clean(&wk, &bin)?;
+
+    // A configuration that does not parse: the parser's error on one line.
+    let worker_toml = wk.config_dir().join("worker.toml");
+    let good = fs::read_to_string(&worker_toml)?;
+    wk.write_config("worker.toml", "poll_interval_ms = \"soon\"\n")?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4);
+    has(&lines, "worker.toml does not parse: ", "edit ")?;
+    ensure!(
+        lines.iter().any(|l| l.contains("poll_interval_ms")),
+        "{lines:#?}"
+    );
+    wk.write_config("worker.toml", &good)?;
+
+    // Credentials: directory and file modes, a missing one.
+    let creds = wk.config_dir().join("credentials");
+    fs::create_dir(&creds)?;
+    fs::write(creds.join("token"), "s3cr3t-value\n")?;
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(creds.join("token"), fs::Permissions::from_mode(0o644))?;
+    for p in [creds.clone(), creds.join("token")] {
+        std::os::unix::fs::chown(&p, Some(wk.uid()), Some(wk.gid()))?;
+    }
+    let (code, lines) = doctor(
+        &wk,
+        &bin,
+        &["--credential", "github-token", "--credential", "token"],
+    );
+    ensure!(code == 4);
+    has(
+        &lines,
+        "has mode 0755, not 0700",
+        &format!("chmod 0700 {}", creds.display()),
+    )?;
+    has(
+        &lines,
+        "has mode 0644, not 0600",
+        &format!("chmod 0600 {}", creds.join("token").display()),
+    )?;
+    has(
+        &lines,
+        "credential github-token is missing",
+        "install -m 0600",
+    )?;
+    ensure!(lines.len() == 3, "{lines:#?}");
+    ensure!(
+        !lines.iter().any(|l| l.contains("s3cr3t-value")),
+        "a secret in the output"
+    );
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(creds.join("token"), fs::Permissions::from_mode(0o600))?;
+    let (code, lines) = doctor(&wk, &bin, &["--credential", "token"]);
+    ensure!(code == 0, "{lines:#?}");
+
+    // The heartbeat directory is not writable.
+    let hb = wk.worker_state_dir();
+    fs::set_permissions(&hb, fs::Permissions::from_mode(0o500))?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    fs::set_permissions(&hb, fs::Permissions::from_mode(0o700))?;
+    ensure!(code == 4);
+    has(
+        &lines,
+        "heartbeat directory",
+        &format!("chmod 0700 {}", hb.display()),
+    )?;
+
+    // The socket file is gone while the socket unit is active; the fix brings it back.
+    let out = wk.run("rm", [wk.socket_path()]);
+    ensure!(out.status.success());
+    let (_, lines) = doctor(&wk, &bin, &[]);
+    has(
+        &lines,
+        "is missing",
+        "systemctl --user restart watchkeeper-daemon.socket",
+    )?;
+    wk.systemctl_ok(["restart", SOCKET])?;
+    wk.systemctl_ok(["start", DAEMON])?;
+    clean(&wk, &bin)?;
+
+    // A unit file changed without daemon-reload.
+    let template = wk.unit_dir().join("watchkeeper-worker@.service");
+    let text = fs::read_to_string(&template)?;
+    wk.write_user_file(&template, &format!("{text}# changed\n"))?;
+    let (_, lines) = doctor(&wk, &bin, &[]);
+    has(&lines, "changed on disk", "systemctl --user daemon-reload")?;
+    wk.systemctl_ok(["daemon-reload"])?;
+
+    // The worker is stuck activating: the socket cannot listen (a directory took its path),
+    // the broker is unreachable.
+    wk.systemctl_ok(["stop", ALPHA, DAEMON, SOCKET])?;
+    ensure!(wk.run("mkdir", [wk.socket_path()]).status.success());
+    wk.systemctl_ok(["start", "--no-block", ALPHA])?;
+    wk.wait_for(ALPHA, "ActiveState", "activating", DEADLINE)?;
+    let lines = wk.poll("stuck activating", ALPHA, DEADLINE, || {
+        let (_, lines) = doctor(&wk, &bin, &[]);
+        Ok(lines
+            .iter()
+            .any(|l| l.contains("stuck activating"))
+            .then_some(lines))
+    })?;
+    has(
+        &lines,
+        "is stuck activating: the broker",
+        "systemctl --user start watchkeeper-daemon.socket",
+    )?;
+    has(
+        &lines,
+        "watchkeeper-daemon.socket failed",
+        "systemctl --user reset-failed watchkeeper-daemon.socket",
+    )?;
+    ensure!(wk.run("rmdir", [wk.socket_path()]).status.success());
+    wk.systemctl_ok(["reset-failed", SOCKET])?;
+    wk.systemctl_ok(["start", SOCKET, DAEMON])?;
+    wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
+    clean(&wk, &bin)?;
+
+    // A crash loop of the daemon ends in its start limit; the socket fails with it.
+    wk.drop_in(DAEMON, "[Service]\nExecStart=\nExecStart=/bin/false\n")?;
+    let _ = wk.systemctl(["restart", DAEMON]);
+    wk.wait_for(SOCKET, "Result", "service-start-limit-hit", DEADLINE)?;
+    let (_, lines) = doctor(&wk, &bin, &[]);
+    has(
+        &lines,
+        "watchkeeper-daemon.socket hit its start limit",
+        "systemctl --user reset-failed watchkeeper-daemon.socket watchkeeper-daemon.service",
+    )?;
+    has(
+        &lines,
+        "watchkeeper-daemon.service failed",
+        "journalctl --user -u watchkeeper-daemon.service",
+    )?;
+    wk.drop_in(DAEMON, "[Service]\n")?;
+    wk.systemctl_ok(["reset-failed", SOCKET, DAEMON])?;
+    wk.systemctl_ok(["start", SOCKET, DAEMON])?;
+    wk.wait_for(DAEMON, "SubState", "running", DEADLINE)?;
+    wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 0, "{lines:#?}");
+
+    // A unit not found.
+    fs::remove_file(wk.unit_dir().join("watchkeeper-worker.service"))?;
+    wk.systemctl_ok(["daemon-reload"])?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4);
+    has(
+        &lines,
+        "watchkeeper-worker.service not found",
+        "watchkeeper install --user",
+    )?;
+    drop(linger);
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! End to end, under a real `systemd --user`: the worker unit with the shipped credential lines
+//! (`LoadCredential=github-token:…` and its `SetCredential=` placeholder, commented out in the
+//! user units) loads the credential, and the worker hands it to the job that asks for it as a
+//! file, whose value never shows in the unit's journal (the job prints it; the worker redacts
+//! it). With the credential file missing, the unit still starts (the placeholder stands in, no
+//! crash loop) and a job that asks for the credential is denied with the reason.
+//!
+//! The unit is the shipped one without its hardening section: systemd 252's user manager sets
+//! up credentials under mount namespacing only where `/run/credentials` exists on the host, and
+//! the test's namespace has none (the unit's comment says so).
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use support::wk::{SOCKET, WORKER, Wk};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const SECRET: &str = "ghp_e2eUnderTheUserManager";
+
+const WORKER_TOML: &str = r#"allowlist = ["sh"]
+poll_interval_ms = 100
+credentials = ["github-token"]
+"#;
+
+/// A job that checks it got the secret as a private file, and prints it (to be redacted).
+const JOB: &str = r#"{"command": ["sh", "-c", "f=\"$WK_CREDENTIAL_GITHUB_TOKEN\"; test \"$(stat -c %a \"$f\")\" = 600 || exit 2; test \"$(stat -c %a \"$(dirname \"$f\")\")\" = 700 || exit 3; env | grep -qF \"$(cat \"$f\")\" && exit 4; echo \"the token is $(cat \"$f\")\"; echo \"on stderr: $(cat \"$f\")\" >&2"], "credentials": ["github-token"]}"#;
+
+#[test]
+fn a_job_gets_the_units_credential_as_a_file_and_the_journal_never_shows_it() -> Result<()> {
+    let Some(wk) = Wk::start(None, Some(WORKER_TOML))? else {
+        return Ok(());
+    };
+    let shipped = support::wk::read_contrib("systemd/user/watchkeeper-worker.service")?;
+    let mut unit = String::new();
+    for line in shipped.lines() {
+        if line.starts_with("# Hardening") {
+            break;
+        }
+        let line = line
+            .strip_prefix("#LoadCredential=")
+            .map(|rest| format!("LoadCredential={rest}"))
+            .or_else(|| {
+                line.strip_prefix("#SetCredential=")
+                    .map(|rest| format!("SetCredential={rest}"))
+            })
+            .unwrap_or_else(|| line.to_owned());
+        unit.push_str(&line);
+        unit.push('\n');
+    }
+    ensure!(
+        unit.contains("\nLoadCredential=github-token:")
+            && unit.contains("\nSetCredential=github-token:"),
+        "{unit}"
+    );
+    wk.write_user_file(&wk.unit_dir().join(WORKER), &unit)?;
+    wk.systemctl_ok(["daemon-reload"])?;
+    let creds = wk.config_dir().join("credentials");
+    wk.write_user_file(&creds.join("github-token"), &format!("{SECRET}\n"))?;
+    wk.systemctl_ok(["start", SOCKET])?;
+    wk.systemctl_ok(["start", WORKER])
+        .with_context(|| wk.journal(WORKER))?;
+    wk.assert_running(WORKER)?;
+
+    wk.wk_jobs(&["submit-json", JOB])?;
+    wk.poll("the job completed", WORKER, DEADLINE, || {
+        let s = wk.stats()?;
+        ensure!(s["failed"] == 0, "the job failed: {s:?}");
+        Ok((s["completed"] == 1).then_some(()))
+    })?;
+    wk.wait_journal(WORKER, "the token is [redacted]", DEADLINE)?;
+    wk.wait_journal(WORKER, "on stderr: [redacted]", DEADLINE)?;
+    let journal = wk.journal(WORKER);
+    ensure!(
+        !journal.contains(SECRET),
+        "the secret is in the journal:\n{journal}"
+    );
+
+    // The file gone: the unit starts all the same, and the job is denied, saying why.
+    std::fs::remove_file(creds.join("github-token"))?;
+    wk.systemctl_ok(["restart", WORKER])?;
+    wk.assert_running(WORKER)?;
+    ensure!(
+        wk.prop_u64(WORKER, "NRestarts")? == 0,
+        "the worker restarted by itself"
+    );
+    wk.wk_jobs(&["submit-json", JOB])?;
+    wk.poll("the job denied", WORKER, DEADLINE, || {
+        Ok((wk.stats()?["denied"] == 1).then_some(()))
+    })?;
+    wk.wait_journal(
+        WORKER,
+        "the file of the unit's LoadCredential=github-token:… is missing",
+        DEADLINE,
+    )?;
+    wk.systemctl_ok(["stop", WORKER])?;
+    Ok(())
+}
