@@ -10,12 +10,11 @@
 //! * **Listener**: the passed fd of `http.socket` (or one with `FileDescriptorName=http`) if
 //!   systemd passed one, else `--listen` (default `127.0.0.1:8080`) is bound. `STATUS=` says
 //!   where it listens and which it was.
-//! * **Liveness of the accept side**: one registered loop, `http`, ticked by a middleware for
-//!   every request it serves. An idle server serves no requests, so a probe task sends one
-//!   request to the server itself (`GET /livez`) whenever no request came in for a quarter of
-//!   the watchdog timeout: if accepting or serving hangs, the probe is not served, the loop
-//!   stops ticking and the pings stop. The probe costs one wakeup and one request per quarter
-//!   timeout, and none while real requests keep coming; without a watchdog there is no probe.
+//! * **Liveness of the accept side**: one registered loop, `http`. axum accepts through a
+//!   listener wrapper whose `accept()` waits inside `Progress::idle`: an idle server waiting
+//!   for connections counts as alive without a timer or a wakeup of its own, and every accepted
+//!   connection and every request served (a middleware) is a tick. A server that stops coming
+//!   back to `accept()`, or stops serving, stops ticking, and the pings stop.
 //! * **`/health`**: `200 ok` while the watchdog would ping (`Watchdog::peek`), `503` naming the
 //!   stalled loops otherwise. The request itself ticks `http` first, so a served `/health`
 //!   never reports the accept side it went through as stalled.
@@ -37,10 +36,8 @@
 //! WatchdogSec=10
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -49,27 +46,39 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use watchkeeper::logging::{self, LogConfig};
 use watchkeeper::watchdog::Verdict;
-use watchkeeper::{Progress, Service, ShutdownToken, SystemdEnv, Watchdog, activation};
+use watchkeeper::{Progress, Service, SystemdEnv, Watchdog, activation};
 
 /// The name the listener is looked up by: `http`, or `http.socket` (systemd's name for the fd
 /// of `http.socket` without `FileDescriptorName=`).
 const FD_NAME: &str = "http";
-
-/// How long the probe may take before it counts as not served (it then simply does not tick).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct AppState {
     watchdog: Watchdog,
 }
 
-/// What the middleware shares with the probe: the accept side's loop and a request counter.
-struct Liveness {
-    progress: Progress,
-    served: AtomicU64,
+/// The listener axum serves from: waiting for a connection is idle time of the `http` loop,
+/// each accepted connection a tick.
+struct WatchedListener {
+    inner: tokio::net::TcpListener,
+    progress: Arc<Progress>,
+}
+
+impl axum::serve::Listener for WatchedListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // axum's own accept loop for TCP: it logs and retries failed accepts.
+        let accept = axum::serve::Listener::accept(&mut self.inner);
+        self.progress.idle(accept).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 fn parse_args() -> anyhow::Result<String> {
@@ -97,18 +106,18 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %source, "listening");
 
-    let liveness = Arc::new(Liveness {
-        progress: service.register_loop("http"),
-        served: AtomicU64::new(0),
-    });
+    let progress = Arc::new(service.register_loop("http"));
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))
         .route("/health", get(health))
-        .route("/livez", get(|| async { "alive\n" }))
         .with_state(AppState {
             watchdog: service.watchdog().clone(),
         })
-        .layer(middleware::from_fn_with_state(liveness.clone(), tick));
+        .layer(middleware::from_fn_with_state(progress.clone(), tick));
+    let listener = WatchedListener {
+        inner: listener,
+        progress,
+    };
 
     let stop = service.shutdown_token();
     service.spawn_named("http", async move {
@@ -119,10 +128,6 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(error = %e, "the HTTP server failed");
         }
     });
-    if let Some(timeout) = service.watchdog().timeout() {
-        let stop = service.shutdown_token();
-        service.spawn_named("probe", probe_while_idle(liveness, addr, timeout / 4, stop));
-    }
 
     service
         .lifecycle()
@@ -133,10 +138,10 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every request served proves that the accept side is alive.
-async fn tick(State(live): State<Arc<Liveness>>, req: Request, next: Next) -> Response {
-    live.progress.tick();
-    live.served.fetch_add(1, Ordering::Relaxed);
+/// Every request served is progress (also on a kept-alive connection, which does not go
+/// back to `accept()`).
+async fn tick(State(progress): State<Arc<Progress>>, req: Request, next: Next) -> Response {
+    progress.tick();
     next.run(req).await
 }
 
@@ -148,66 +153,5 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("stalled: {}\n", loops.join(", ")),
         ),
-    }
-}
-
-/// While no request comes in, sends one to the server itself every `every`.
-async fn probe_while_idle(
-    live: Arc<Liveness>,
-    addr: SocketAddr,
-    every: Duration,
-    stop: ShutdownToken,
-) {
-    let target = loopback(addr);
-    let mut timer = tokio::time::interval(every);
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = live.served.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = timer.tick() => {}
-        }
-        let served = live.served.load(Ordering::Relaxed);
-        if served != seen {
-            // Real requests proved it since the last look.
-            seen = served;
-            continue;
-        }
-        match tokio::time::timeout(PROBE_TIMEOUT, probe(target)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, %target, "liveness probe failed"),
-            Err(_) => tracing::warn!(%target, "liveness probe not answered in time"),
-        }
-        seen = live.served.load(Ordering::Relaxed);
-    }
-}
-
-/// The address to reach a listener on this host: an unspecified address becomes loopback.
-fn loopback(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
-}
-
-/// `GET /livez` over a plain connection: enough HTTP/1.1 to need no client library.
-async fn probe(target: SocketAddr) -> std::io::Result<()> {
-    let mut conn = tokio::net::TcpStream::connect(target).await?;
-    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut head = [0u8; 12];
-    conn.read_exact(&mut head).await?;
-    if &head == b"HTTP/1.1 200" {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "unexpected answer {:?}",
-            String::from_utf8_lossy(&head)
-        )))
     }
 }

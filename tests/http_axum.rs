@@ -1,7 +1,7 @@
 //! `examples/05_http_axum.rs` as a real child under the fake manager: READY=1 with the
 //! address in `STATUS=`, `/health` answered 200 from the watchdog's view, pings while idle
-//! (the accept side proves itself), and SIGTERM → STOPPING=1 and exit 0; and the same service
-//! socket-activated, on a listener passed as fd 3 named as systemd names it.
+//! (`accept()` waits in `Progress::idle`), and SIGTERM → STOPPING=1 and exit 0; and the same
+//! service socket-activated, on a listener passed as fd 3 named as systemd names it.
 
 mod common;
 
@@ -66,8 +66,8 @@ fn health_is_served_idle_pings_continue_and_sigterm_stops_cleanly() {
     let (code, body) = get(addr, "/");
     assert_eq!((code, body.as_str()), (200, "hello\n"));
 
-    // No request from here on for several watchdog timeouts: only the server's own probe
-    // keeps the accept side's loop ticking, and with it the pings.
+    // No request from here on for several watchdog timeouts: the accept side waits in
+    // `Progress::idle`, which keeps its loop alive without a tick, and with it the pings.
     let before = manager.records().iter().filter(|r| r.is_ping()).count();
     manager.wait_pings(before + 6, DEADLINE).unwrap();
     assert_eq!(manager.unit_result().unwrap(), UnitResult::Success);
