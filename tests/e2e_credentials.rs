@@ -5,9 +5,10 @@
 //! it). With the credential file missing, the unit still starts (the placeholder stands in, no
 //! crash loop) and a job that asks for the credential is denied with the reason.
 //!
-//! The unit is the shipped one without its hardening section: systemd 252's user manager sets
-//! up credentials under mount namespacing only where `/run/credentials` exists on the host, and
-//! the test's namespace has none (the unit's comment says so).
+//! The unit is the shipped one, hardening included, with the two lines uncommented: systemd
+//! 252's user manager sets up credentials under its mount namespacing only where
+//! `/run/credentials` exists (a booted system has it; the test's namespace makes it), which is
+//! why the shipped user units leave them commented out.
 
 mod support;
 
@@ -35,9 +36,6 @@ fn a_job_gets_the_units_credential_as_a_file_and_the_journal_never_shows_it() ->
     let shipped = support::wk::read_contrib("systemd/user/watchkeeper-worker.service")?;
     let mut unit = String::new();
     for line in shipped.lines() {
-        if line.starts_with("# Hardening") {
-            break;
-        }
         let line = line
             .strip_prefix("#LoadCredential=")
             .map(|rest| format!("LoadCredential={rest}"))
