@@ -136,7 +136,7 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+                message: one_line_message(text, &e),
             }
         })?;
         config.check(path)?;
@@ -188,6 +188,22 @@ impl Config {
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
+/// The parser's message on one line, followed by the offending line of the file when the
+/// parser pointed at one (a wrong type names no key: `invalid type: string "soon", expected
+/// u64 in `poll_interval_ms = "soon"``).
+fn one_line_message(text: &str, e: &toml::de::Error) -> String {
+    let mut message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let source_line = e.span().and_then(|span| {
+        let start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+        let line = text.get(start..)?.lines().next()?.trim();
+        (!line.is_empty()).then(|| line.chars().take(80).collect::<String>())
+    });
+    if let Some(line) = source_line {
+        message.push_str(&format!(" in `{line}`"));
+    }
+    message
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = before.matches('\n').count() + 1;

@@ -137,7 +137,7 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+                message: one_line_message(text, &e),
             }
         })?;
         config.validate(path)?;
@@ -221,6 +221,22 @@ impl Config {
 }
 
 /// The line and column (both from 1, the column in characters) of byte `offset` in `text`.
+/// The parser's message on one line, followed by the offending line of the file when the
+/// parser pointed at one (a wrong type names no key: `invalid type: string "soon", expected
+/// u64 in `poll_interval_ms = "soon"``).
+fn one_line_message(text: &str, e: &toml::de::Error) -> String {
+    let mut message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let source_line = e.span().and_then(|span| {
+        let start = text.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+        let line = text.get(start..)?.lines().next()?.trim();
+        (!line.is_empty()).then(|| line.chars().take(80).collect::<String>())
+    });
+    if let Some(line) = source_line {
+        message.push_str(&format!(" in `{line}`"));
+    }
+    message
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
@@ -303,6 +319,14 @@ mod tests {
             assert!(msg.contains(": invalid TOML: "), "{text}: {msg}");
             assert!(!msg.contains('\n'), "{text}: {msg}");
         }
+        // A wrong type names no key in the parser's message: the offending line does.
+        let e =
+            Config::parse("grace_secs = 1\npoll_interval_ms = \"soon\"\n", "w.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config file w.toml:2:20: invalid TOML: invalid type: string \"soon\", expected u64 \
+             in `poll_interval_ms = \"soon\"`"
+        );
         let e = Config::parse("poll_interval_ms = 5\nbogus = 1\n", "w.toml").unwrap_err();
         assert!(
             e.to_string()
