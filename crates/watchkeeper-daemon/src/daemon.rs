@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use watchkeeper::activation::{self, ListenFds};
 use watchkeeper::logging::{self, LogConfig};
@@ -25,8 +26,11 @@ pub const NAME: &str = "watchkeeper-daemon";
 /// up to 1,000 a second.
 const PRUNE_STEP: u64 = 500;
 
-/// How often the maintenance task sweeps expired leases and counts the jobs.
+/// The shortest time between two maintenance rounds (sweep, retention, counts).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the retention of finished jobs is applied while nothing else wakes the
+/// maintenance.
+const RETENTION_CHECK: Duration = Duration::from_secs(60);
 
 /// `STATUS=` text for `stats`, e.g. `queued 3, claimed 1, completed 10, failed 0, denied 1,
 /// quarantined 0`, with `note` (a failed reload) appended after `; `.
@@ -134,6 +138,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         counts_tx,
         stop.clone(),
         service.register_loop("store"),
+        service.watchdog().timeout(),
     ));
     service.spawn(report_status(
         store_for_status,
@@ -310,24 +315,26 @@ async fn start(opts: &Options, fds: &mut ListenFds) -> Result<Started, DaemonErr
     })
 }
 
-/// Every [`MAINTENANCE_INTERVAL`]: sweeps expired leases and counts the jobs through the store,
-/// and ticks `progress` only when that returned, so a wedged database withholds the pings.
+/// Sweeps expired leases, prunes finished jobs past their retention and counts the jobs
+/// through the store; ticks `progress` only when that returned, so a wedged database withholds
+/// the pings.
+///
+/// It runs when there is something to do, not on a timer: after a commit (at most once per
+/// [`MAINTENANCE_INTERVAL`], for the counts), when the first lease runs out, every
+/// [`RETENTION_CHECK`] for the retention, and, with a watchdog, once per watchdog timeout so
+/// that a wedged store is found while the daemon is idle. In between it waits in
+/// [`Progress::idle`]: an idle daemon wakes only for its pings and that store check.
 async fn maintain(
     store: SharedStore,
     config: watch::Receiver<Config>,
     counts: watch::Sender<Stats>,
     stop: CancellationToken,
     progress: Progress,
+    watchdog: Option<Duration>,
 ) {
-    let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut commits = store.subscribe_commits();
     let mut failing = false;
     loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            _ = every.tick() => {}
-        }
         let (max_attempts, keep_secs, keep_max) = {
             let c = config.borrow();
             (c.max_attempts, c.keep_finished_secs, c.keep_finished_max)
@@ -338,15 +345,25 @@ async fn maintain(
             if pruned > 0 {
                 tracing::debug!(pruned, "deleted finished jobs past their retention");
             }
-            s.stats()
+            Ok((s.stats()?, s.next_lease_end()?, pruned >= PRUNE_STEP))
         });
         let result = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             result = call => result,
         };
+        let ran = Instant::now();
+        // This call's own commit is not a reason to run again. The writer counts a commit
+        // before it answers, and publishes the count after: compare counts, not changes.
+        let seen = store.commits();
+        let mut next = ran + RETENTION_CHECK;
+        if let Some(t) = watchdog {
+            // Once per watchdog timeout: a store that hangs then stops the pings within one
+            // timeout, and the unit is restarted within two.
+            next = next.min(ran + t);
+        }
         match result {
-            Ok(stats) => {
+            Ok((stats, lease_end, more_to_prune)) => {
                 progress.tick();
                 if failing {
                     tracing::info!("the job store answers again");
@@ -357,13 +374,46 @@ async fn maintain(
                     *c = stats;
                     changed
                 });
+                if let Some(end) = lease_end {
+                    let wait = u64::try_from(end.saturating_sub(now_ms())).unwrap_or(0);
+                    // +1 ms: the sweep expires leases strictly before its `now`.
+                    next = next.min(ran + Duration::from_millis(wait.saturating_add(1)));
+                }
+                if more_to_prune {
+                    next = next.min(ran + MAINTENANCE_INTERVAL);
+                }
             }
             Err(e) => {
                 if !failing {
                     tracing::error!("job store maintenance failed: {}", error_chain(&e));
                 }
                 failing = true;
+                next = next.min(ran + MAINTENANCE_INTERVAL);
             }
+        }
+        let earliest = ran + MAINTENANCE_INTERVAL;
+        let wait = async {
+            let written = async {
+                loop {
+                    if commits.changed().await.is_err() {
+                        // The writer is gone: every call fails; retry at the next deadline.
+                        std::future::pending::<()>().await;
+                    }
+                    if *commits.borrow_and_update() > seen {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                // Something else was written: the counts may have changed.
+                () = written => tokio::time::sleep_until(earliest.max(Instant::now()).min(next)).await,
+                () = tokio::time::sleep_until(next) => {}
+            }
+        };
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = progress.idle(wait) => {}
         }
     }
 }
@@ -384,7 +434,8 @@ fn connections_note(c: &server::ConnectionStats) -> Option<String> {
     Some(note)
 }
 
-/// Every `status_interval_secs`: `STATUS=` with the counts, if they changed.
+/// `STATUS=` with the counts and notes when they changed, at most once per
+/// `status_interval_secs`.
 async fn report_status(
     store: SharedStore,
     lifecycle: Lifecycle,
@@ -394,13 +445,31 @@ async fn report_status(
     config: watch::Receiver<Config>,
     stop: CancellationToken,
 ) {
+    let (mut counts, mut note, mut connections) = (counts, note, connections);
+    let mut commits = store.subscribe_commits();
+    let mut sent = Instant::now();
     loop {
+        // Wait for a change of what the line shows (a commit may change the store's trouble),
+        // then keep at least `status_interval_secs` between two lines. No timer while idle.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            Ok(()) = counts.changed() => {}
+            Ok(()) = note.changed() => {}
+            Ok(()) = connections.changed() => {}
+            Ok(()) = commits.changed() => {}
+        }
         let period = config.borrow().status_interval();
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep_until(sent + period) => {}
         }
+        sent = Instant::now();
+        counts.borrow_and_update();
+        note.borrow_and_update();
+        connections.borrow_and_update();
+        commits.borrow_and_update();
         let trouble = store.trouble().map(|t| format!("job store failing: {t}"));
         let notes: Vec<String> = [
             trouble,

@@ -45,9 +45,6 @@ use crate::config::{Config, NOBODY_UID};
 use crate::error_chain;
 use crate::store::{Claimed, SharedStore, StoreError, now_ms};
 
-/// How often the accept loop ticks its watchdog [`Progress`] while no one connects.
-pub const ACCEPT_TICK: Duration = Duration::from_millis(250);
-
 /// How long writing one response may take before the connection is dropped (a peer that does
 /// not read its answers).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -456,8 +453,8 @@ pub struct ConnectionStats {
 }
 
 /// Accepts connections until `stop` is cancelled, then waits for the open connections to
-/// finish their current request. Ticks `progress` after every accept and every
-/// [`ACCEPT_TICK`] while idle, so the watchdog sees the loop alive.
+/// finish their current request. Ticks `progress` after every accept and waits for a client
+/// in [`Progress::idle`], so that the watchdog sees the loop alive with no timer of its own.
 ///
 /// The loop never stops accepting: at the connection cap, the connection idle the longest
 /// (no request in progress: idle, or sending its request slowly) is closed to make room, so
@@ -475,7 +472,7 @@ pub async fn accept_loop(
 }
 
 /// [`accept_loop`], publishing [`ConnectionStats`] to `counts` at every change of the
-/// shedding counters and every [`ACCEPT_TICK`].
+/// shedding counters (after an accept: connections are shed only then).
 pub async fn accept_loop_with_counts(
     listener: UnixListener,
     broker: Arc<Broker>,
@@ -486,55 +483,69 @@ pub async fn accept_loop_with_counts(
     let connections = TaskTracker::new();
     let registry = Arc::new(Registry::default());
     let cap = broker.max_connections;
-    let mut idle = tokio::time::interval(ACCEPT_TICK);
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when accept(2) has been failing without a success in between.
     let mut failing_since: Option<Instant> = None;
     let mut gave_up = false;
     let mut refused = 0u64;
     let mut shed_logged = (0u64, Instant::now() - SHED_LOG_INTERVAL);
+    // The cap from the start: the watch's default (0 of 0) would read as "at the cap".
+    if let Some(counts) = &counts {
+        counts.send_replace(ConnectionStats {
+            open: 0,
+            cap,
+            shed: 0,
+            refused: 0,
+        });
+    }
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    if failing_since.take().is_some() {
-                        tracing::info!("accept works again");
-                    }
-                    let mut room = true;
-                    while registry.open() >= cap {
-                        if registry.shed_one().is_none() {
-                            room = false;
-                            break;
-                        }
-                    }
-                    if room {
-                        let entry = registry.enter();
-                        let (broker, stop) = (broker.clone(), stop.clone());
-                        connections.spawn(serve_connection(stream, broker, stop, entry));
-                    } else {
-                        refused += 1;
-                        tracing::warn!(cap, "every connection is inside a request; refusing a new one");
-                        connections.spawn(refuse_busy(stream, cap));
+            // Waiting for a client is not a stall: no timer and no wake-up while idle. Once
+            // accept has failed for too long, the wait no longer counts as alive either.
+            accepted = progress.idle(listener.accept()), if !gave_up => accepted,
+            accepted = listener.accept(), if gave_up => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                if failing_since.take().is_some() {
+                    tracing::info!("accept works again");
+                }
+                let mut room = true;
+                while registry.open() >= cap {
+                    if registry.shed_one().is_none() {
+                        room = false;
+                        break;
                     }
                 }
-                Err(e) => {
-                    if failing_since.is_none() {
-                        failing_since = Some(Instant::now());
-                        tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_BACKOFF:?}");
-                    }
-                    // Out of fds: make room by closing an idle connection.
-                    if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error()) {
-                        registry.shed_one();
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    }
+                if room {
+                    let entry = registry.enter();
+                    let (broker, stop) = (broker.clone(), stop.clone());
+                    connections.spawn(serve_connection(stream, broker, stop, entry));
+                } else {
+                    refused += 1;
+                    tracing::warn!(
+                        cap,
+                        "every connection is inside a request; refusing a new one"
+                    );
+                    connections.spawn(refuse_busy(stream, cap));
                 }
-            },
-            _ = idle.tick() => {}
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_BACKOFF:?}");
+                }
+                // Out of fds: make room by closing an idle connection.
+                if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() || code == rustix::io::Errno::NFILE.raw_os_error())
+                {
+                    registry.shed_one();
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
         }
         let shed = registry.shed.load(std::sync::atomic::Ordering::Relaxed);
         if shed > shed_logged.0 && shed_logged.1.elapsed() >= SHED_LOG_INTERVAL {
@@ -597,13 +608,11 @@ pub async fn config_error_loop(
 ) {
     let connections = TaskTracker::new();
     let response = unavailable(&format!("configuration error: {why}"));
-    let mut idle = tokio::time::interval(ACCEPT_TICK);
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = progress.idle(listener.accept()) => match accepted {
                 Ok((stream, _)) => {
                     let response = response.clone();
                     connections.spawn(async move { answer_and_close(stream, &response).await });
@@ -616,7 +625,6 @@ pub async fn config_error_loop(
                     }
                 }
             },
-            _ = idle.tick() => {}
         }
         progress.tick();
     }

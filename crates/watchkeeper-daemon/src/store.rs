@@ -837,6 +837,18 @@ impl Store {
         })
     }
 
+    /// When the first lease of a claimed job runs out (ms since the epoch), if any job is
+    /// claimed: what the next [`Store::sweep`] waits for. One probe of the lease index.
+    pub fn next_lease_end(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT MIN(lease_until_ms) FROM jobs WHERE state = 'claimed'",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(sql_err(&self.path, "find the next lease end"))
+    }
+
     /// Counts jobs by state: six rows of `job_counts`, kept by triggers, not a scan.
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let mut stmt = self
@@ -1248,6 +1260,9 @@ pub struct SharedStore {
     ops: std::sync::mpsc::Sender<Op>,
     pending: Arc<AtomicUsize>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// The commit count, published after every batch: lets tasks wait for "something was
+    /// written" instead of polling.
+    committed: tokio::sync::watch::Receiver<u64>,
     trouble: Arc<std::sync::Mutex<Option<String>>>,
 }
 
@@ -1273,11 +1288,12 @@ impl SharedStore {
         let max_batch = max_batch.max(1);
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = commits.clone();
+        let (published, committed) = tokio::sync::watch::channel(0);
         // A thread rather than a blocking-pool task: it lives as long as the store, and a
         // runtime shutting down does not wait for it.
         let spawned = std::thread::Builder::new()
             .name("wk-store".into())
-            .spawn(move || writer(store, &queue, max_batch, &counter));
+            .spawn(move || writer(store, &queue, max_batch, &counter, &published));
         if let Err(e) = spawned {
             // Every call then fails with StoreError::Lost.
             tracing::error!(error = %e, "cannot start the store's writer thread");
@@ -1286,8 +1302,15 @@ impl SharedStore {
             ops,
             pending: Arc::new(AtomicUsize::new(0)),
             commits,
+            committed,
             trouble: Arc::default(),
         }
+    }
+
+    /// A receiver that changes after every batch the writer ran (its value: [`Self::commits`]
+    /// then), failed ones included.
+    pub fn subscribe_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
     }
 
     /// Runs `f` on the store on the writer thread and waits until its batch is committed.
@@ -1360,6 +1383,7 @@ fn writer(
     queue: &std::sync::mpsc::Receiver<Op>,
     max_batch: usize,
     commits: &std::sync::atomic::AtomicU64,
+    published: &tokio::sync::watch::Sender<u64>,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -1370,6 +1394,7 @@ fn writer(
             }
         }
         run_batch(&mut store, batch, commits);
+        published.send_replace(commits.load(Ordering::Acquire));
     }
 }
 
