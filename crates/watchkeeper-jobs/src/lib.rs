@@ -279,7 +279,9 @@ where
 pub struct ClaimedJob {
     /// The job's id.
     pub id: u64,
-    /// The job as submitted.
+    /// The job as submitted. The daemon sends the submitted text byte for byte; as a
+    /// `serde_json::Value`, an integer beyond `i64`/`u64` is held as the nearest `f64` (which
+    /// reads and writes back unchanged).
     pub spec: serde_json::Value,
     /// Which attempt this is, from 1.
     pub attempt: u32,
