@@ -20,10 +20,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use watchkeeper_testkit::{ChildExt as _, FakeManager};
 
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -207,33 +207,12 @@ fn context_switches(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-/// `target/PROFILE/NAME` next to this bench binary, built with `$CARGO build` if missing or
-/// older than this bench (cargo builds no binaries of other packages for a bench).
+/// `target/PROFILE/NAME` next to this bench binary, built (or brought up to date) first:
+/// cargo builds no binaries of other packages for a bench.
 fn binary(name: &str, package: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().context("no parent dir")?;
-    let profile_dir = deps.parent().context("not in target/PROFILE/deps")?;
-    let path = profile_dir.join(name);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
+    Ok(watchkeeper_testkit::build_binary(
         package,
-        "--bin",
         name,
-        "--target-dir",
-    ])
-    .arg(profile_dir.parent().context("no target dir")?)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    ensure!(path.is_file(), "{} was not built", path.display());
-    Ok(path)
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    )?)
 }

@@ -1064,6 +1064,54 @@ pub fn example_path(name: &str) -> io::Result<PathBuf> {
     }
 }
 
+/// Builds the binary `name` of the workspace package `package` into the running test or bench
+/// binary's own target directory and profile (`$CARGO build -p PACKAGE --bin NAME`, run in
+/// `workspace_dir`), and returns its path (`target/<profile>/<name>`). Cargo builds no
+/// binaries of other packages for a test or bench target; this is for those that run them as
+/// child processes. Cargo only rebuilds what changed.
+pub fn build_binary(package: &str, name: &str, workspace_dir: &Path) -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| io::Error::other("cannot locate the target directory"))?;
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| io::Error::other("cannot locate the target directory"))?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        package,
+        "--bin",
+        name,
+        "--target-dir",
+    ])
+    .arg(target_dir)
+    .current_dir(workspace_dir);
+    if profile_dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| io::Error::new(e.kind(), format!("running {cmd:?}: {e}")))?;
+    if !status.success() {
+        return Err(io::Error::other(format!("{cmd:?} failed ({status})")));
+    }
+    let path = profile_dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} was not built by {cmd:?}", path.display()),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -137,32 +137,12 @@ async fn one_run(daemon: &Path, worker: &Path, jobs: u64) -> Result<(Duration, f
     Ok((elapsed, jobs as f64 / elapsed.as_secs_f64()))
 }
 
-/// Builds `name` of `package` with the bench's own profile and target dir; returns its path.
+/// `target/PROFILE/NAME` next to this bench binary, built (or brought up to date) first:
+/// cargo builds no binaries of other packages for a bench.
 fn binary(name: &str, package: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().context("no parent dir")?;
-    let profile_dir = deps.parent().context("not in target/PROFILE/deps")?;
-    let path = profile_dir.join(name);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
+    Ok(watchkeeper_testkit::build_binary(
         package,
-        "--bin",
         name,
-        "--target-dir",
-    ])
-    .arg(profile_dir.parent().context("no target dir")?)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    ensure!(path.is_file(), "{} was not built", path.display());
-    Ok(path)
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")),
+    )?)
 }
