@@ -344,6 +344,8 @@ fn truncate(mut s: String) -> String {
 #[derive(Debug, Default)]
 struct Registry {
     inner: std::sync::Mutex<RegistryInner>,
+    /// Notified when a connection leaves, so that the accept loop publishes the counts again.
+    closed: tokio::sync::Notify,
     /// Connections closed to make room since the start.
     shed: std::sync::atomic::AtomicU64,
 }
@@ -436,6 +438,7 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         self.registry.lock().open.remove(&self.id);
+        self.registry.closed.notify_one();
     }
 }
 
@@ -471,8 +474,8 @@ pub async fn accept_loop(
     accept_loop_with_counts(listener, broker, stop, progress, None).await;
 }
 
-/// [`accept_loop`], publishing [`ConnectionStats`] to `counts` at every change of the
-/// shedding counters (after an accept: connections are shed only then).
+/// [`accept_loop`], publishing [`ConnectionStats`] to `counts` after every accept and every
+/// connection that leaves.
 pub async fn accept_loop_with_counts(
     listener: UnixListener,
     broker: Arc<Broker>,
@@ -498,16 +501,31 @@ pub async fn accept_loop_with_counts(
         });
     }
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            // Waiting for a client is not a stall: no timer and no wake-up while idle. Once
-            // accept has failed for too long, the wait no longer counts as alive either.
-            accepted = progress.idle(listener.accept()), if !gave_up => accepted,
-            accepted = listener.accept(), if gave_up => accepted,
+        let next = async {
+            tokio::select! {
+                accepted = listener.accept() => Some(accepted),
+                // A connection left: only the counts below change.
+                () = registry.closed.notified() => None,
+            }
+        };
+        // Waiting for a client is not a stall: no timer and no wake-up while idle. Once accept
+        // has failed for too long, the wait no longer counts as alive either.
+        let accepted = if gave_up {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                accepted = next => accepted,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                accepted = progress.idle(next) => accepted,
+            }
         };
         match accepted {
-            Ok((stream, _)) => {
+            None => {}
+            Some(Ok((stream, _))) => {
                 if failing_since.take().is_some() {
                     tracing::info!("accept works again");
                 }
@@ -531,7 +549,7 @@ pub async fn accept_loop_with_counts(
                     connections.spawn(refuse_busy(stream, cap));
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 if failing_since.is_none() {
                     failing_since = Some(Instant::now());
                     tracing::warn!(error = %e, "accept failed; retrying every {ACCEPT_BACKOFF:?}");

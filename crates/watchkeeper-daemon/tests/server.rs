@@ -1027,3 +1027,43 @@ async fn a_full_disk_is_answered_unavailable_and_shown_as_the_stores_trouble() {
     assert_eq!(server.store.trouble(), None);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_counts_follow_connections_that_leave_without_a_new_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/daemon.sock");
+    let store = SharedStore::new(Store::open_in(&dir.path().join("state")).unwrap());
+    let (listener, _file) = listener::bind(&path, None).unwrap();
+    let (_config, config_rx) = watch::channel(Config::default());
+    let broker = Broker::new(store, config_rx, Vec::new());
+    let stop = CancellationToken::new();
+    let (counts_tx, mut counts) = watch::channel(server::ConnectionStats::default());
+    let task = tokio::spawn(server::accept_loop_with_counts(
+        listener,
+        Arc::new(broker),
+        stop.clone(),
+        Watchdog::new(None).register("accept"),
+        Some(counts_tx),
+    ));
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut client = Client::connect(&path).await.unwrap();
+        client.ping().await.unwrap();
+        open.push(client);
+    }
+    async fn wait_for(n: usize, counts: &mut watch::Receiver<server::ConnectionStats>) -> usize {
+        let waited = tokio::time::timeout(DEADLINE, counts.wait_for(|c| c.open == n))
+            .await
+            .map(|seen| seen.map(|c| c.open));
+        match waited {
+            Ok(open) => open.unwrap(),
+            Err(_) => panic!("open never became {n}: {:?}", *counts.borrow()),
+        }
+    }
+    assert_eq!(wait_for(3, &mut counts).await, 3);
+    // They leave; nobody connects after them.
+    drop(open);
+    assert_eq!(wait_for(0, &mut counts).await, 0);
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+}
