@@ -753,29 +753,35 @@ impl UserManager {
             own.lock = None;
             return result;
         }
-        let out = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(&self.state_dir)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {SCRIPT} stop"))?;
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
-        if !out.status.success() {
-            bail!(
-                "{SCRIPT} stop {} failed ({}); state kept there",
-                self.state_dir.display(),
-                out.status
-            );
-        }
-        let keep = thread::panicking() || std::env::var("WK_E2E_KEEP").is_ok_and(|v| v == "1");
-        if keep {
-            eprintln!("user manager state kept in {}", self.state_dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.state_dir);
-        }
-        Ok(())
+        script_stop(SCRIPT, &self.state_dir, "user manager")
     }
+}
+
+/// `SCRIPT stop STATE_DIR`, then the state dir is removed, or kept (and named) when the test
+/// panicked or `WK_E2E_KEEP=1`.
+pub fn script_stop(script: &str, state_dir: &Path, what: &str) -> Result<()> {
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("stop")
+        .arg(state_dir)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {script} stop"))?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!(
+            "{script} stop {} failed ({}); state kept there",
+            state_dir.display(),
+            out.status
+        );
+    }
+    let keep = thread::panicking() || std::env::var("WK_E2E_KEEP").is_ok_and(|v| v == "1");
+    if keep {
+        eprintln!("{what} state kept in {}", state_dir.display());
+    } else {
+        let _ = fs::remove_dir_all(state_dir);
+    }
+    Ok(())
 }
 
 impl Drop for UserManager {
