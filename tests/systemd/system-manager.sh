@@ -35,6 +35,9 @@ set -euo pipefail
 PROG=${0##*/}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 SYSTEMD_BIN=/usr/lib/systemd/systemd
+# dbus: the system bus inside, for systemctl run by a user other than root.
+REQUIRED_PKGS=(systemd util-linux mount passwd dbus)
+LOCK_DIR=/run/lock/wk-e2e
 PATH_IN_NS=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin
 OVERLAID=(/etc /usr/local /var/lib /var/cache /var/log /var/spool /root /home)
 # The units the tests start (each gets DefaultDependencies=no), besides journald and D-Bus.
@@ -87,6 +90,25 @@ cgroup2_root() {
     fi
 }
 cgroup_pids() { [[ -d $1 ]] && find "$1" -name cgroup.procs -exec cat {} + 2>/dev/null; true; }
+
+# --- packages, installed when missing (serialized with user-manager.sh's setup) ---
+ensure_packages() {
+    local missing=() p fd
+    command -v dpkg-query >/dev/null || return 0
+    for p in "${REQUIRED_PKGS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    mkdir -p "$LOCK_DIR"
+    exec {fd}>>"$LOCK_DIR/setup.lock"
+    flock -w 900 "$fd" || die "timed out waiting for $LOCK_DIR/setup.lock"
+    log "installing missing packages: ${missing[*]}"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+    exec {fd}>&-
+}
 
 # --- inside: PID 1 of the new namespaces, as root, before exec'ing systemd ---
 cmd_init() {
@@ -173,6 +195,7 @@ cmd_start() {
     [[ -e $sd/init.pid ]] && die "$sd was already used for a manager; use a fresh STATEDIR"
     mkdir -p "$sd"
     SD=$sd
+    ensure_packages
     [[ -x $SYSTEMD_BIN ]] || die "$SYSTEMD_BIN is missing (apt-get install systemd)"
     root=$(cgroup2_root)
     [[ -n $root ]] || die "no cgroup2 hierarchy under /sys/fs/cgroup"
@@ -296,7 +319,8 @@ cmd_check() {
     [[ $EUID -eq 0 ]] || why+=("not root (uid $EUID): a private system manager needs root")
     [[ "$(cat /proc/1/comm 2>/dev/null)" != systemd ]] \
         || why+=("PID 1 is systemd here: a second system manager is not started next to it")
-    [[ -x $SYSTEMD_BIN ]] || why+=("$SYSTEMD_BIN is missing")
+    [[ -x $SYSTEMD_BIN ]] || command -v apt-get >/dev/null \
+        || why+=("$SYSTEMD_BIN is missing and there is no apt-get to install systemd")
     [[ -n $(cgroup2_root) ]] || why+=("no cgroup2 hierarchy under /sys/fs/cgroup")
     grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null \
         || why+=("no overlay file system (needed to keep /etc and /var/lib of the host untouched)")
