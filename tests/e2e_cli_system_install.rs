@@ -278,6 +278,38 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         o.stdout
     );
 
+    // status as an operator who may read neither the heartbeat (its directory is 0700
+    // watchkeeper) nor the socket (0660 watchkeeper): the unreadable facts are named and left
+    // out of the health, and the exit code says "could not ask" (3), not degraded.
+    let o = cli(&sm, Some(OPERATOR), &bin, &["status", "--system", "--json"]);
+    let v: Value = serde_json::from_str(o.stdout.trim()).with_context(|| o.stdout.clone())?;
+    ensure!(
+        o.code == 3 && v["overall_health"] == "healthy" && v["complete"] == false,
+        "{v:#}"
+    );
+    let w = service(&v, WORKER)?;
+    ensure!(
+        w["health"] == "healthy"
+            && w["heartbeat"]["permission_denied"] == true
+            && w["unchecked"][0]
+                .as_str()
+                .is_some_and(|u| u.contains("permission denied")),
+        "{w:#}"
+    );
+    let d = service(&v, DAEMON)?;
+    ensure!(
+        d["health"] == "healthy" && d["daemon"]["answers"].is_null(),
+        "{d:#}"
+    );
+    let o = cli(&sm, Some(OPERATOR), &bin, &["status", "--system"]);
+    ensure!(
+        o.code == 3
+            && o.stdout.contains("not checked as uid ")
+            && o.stdout.contains("overall: healthy"),
+        "{}",
+        o.stdout
+    );
+
     // An operator in the socket's group, but not in allowed_uids: doctor finds the daemon
     // refusing its uid and names the fix; once the fix is followed, the finding is gone.
     sm.run_ok("usermod", ["-aG", "watchkeeper", OPERATOR])?;
@@ -310,6 +342,17 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         !o.stdout.contains("refuses uid"),
         "still refused after the fix: {}",
         o.stdout
+    );
+    // Now the daemon answers the operator; only the heartbeat stays unchecked.
+    let o = cli(&sm, Some(OPERATOR), &bin, &["status", "--system", "--json"]);
+    let v: Value = serde_json::from_str(o.stdout.trim()).with_context(|| o.stdout.clone())?;
+    let d = service(&v, DAEMON)?;
+    ensure!(
+        o.code == 3
+            && d["daemon"]["answers"] == true
+            && d["daemon"]["jobs"]["completed"] == 1
+            && d.get("unchecked").is_none(),
+        "{v:#}"
     );
     let o = sm.run_as(OPERATOR, &wk_jobs, ["--socket", SOCKET_PATH, "ping"]);
     ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -23,9 +23,12 @@ pub(crate) struct Facts {
     pub(crate) jobs_quarantined: u64,
     /// `starting`, `ok`, `degraded`, `stalled`, `stopping` or `unknown`.
     pub(crate) health_status: String,
-    /// Why the file could not be read (corrupt, newer format, not a file).
+    /// Why the file could not be read (corrupt, newer format, not a file, no permission).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// This uid may not read the file (or search its directory): nothing is known about it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) permission_denied: bool,
 }
 
 impl Facts {
@@ -63,6 +66,8 @@ pub(crate) fn read(path: &Path, max_age: Duration) -> Facts {
         }
         Err(e) => Facts {
             found: path.exists(),
+            permission_denied: std::fs::File::open(path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
             health_status: HealthStatus::Unknown.as_str().to_owned(),
             error: Some(e.to_string()),
             ..Facts::default()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use watchkeeper_jobs::{Client, Stats};
+use watchkeeper_jobs::{Client, ClientError, Stats};
 
 use crate::cli::ProbeArgs;
 use crate::{exit, hb};
@@ -17,27 +17,68 @@ pub(crate) struct DaemonAnswer {
     pub(crate) stats: Stats,
 }
 
+/// Why the daemon could not be asked.
+#[derive(Debug, Clone)]
+pub(crate) enum AskError {
+    /// This uid may not ask: the socket's permissions refuse it (`answered: false`, the
+    /// daemon's state is unknown), or the daemon answered that the uid is not in its
+    /// `allowed_uids` (`answered: true`).
+    Denied { message: String, answered: bool },
+    /// Anything else: no socket, no answer, a broken connection.
+    Failed(String),
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Denied { message, .. } | AskError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
+impl From<ClientError> for AskError {
+    fn from(e: ClientError) -> AskError {
+        let answered = matches!(e, ClientError::NotAllowed { .. });
+        let denied = answered
+            || matches!(&e, ClientError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied);
+        if denied {
+            AskError::Denied {
+                message: e.to_string(),
+                answered,
+            }
+        } else {
+            AskError::Failed(e.to_string())
+        }
+    }
+}
+
 /// Pings the daemon at `socket` and asks its job counts, within `timeout`.
-pub(crate) fn ask_daemon(socket: &Path, timeout: Duration) -> Result<DaemonAnswer, String> {
+pub(crate) fn ask(socket: &Path, timeout: Duration) -> Result<DaemonAnswer, AskError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        .map_err(|e| AskError::Failed(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
         let ask = async {
-            let mut c = Client::connect(socket).await.map_err(|e| e.to_string())?;
-            let version = c.ping().await.map_err(|e| e.to_string())?;
-            let stats = c.stats().await.map_err(|e| e.to_string())?;
+            let mut c = Client::connect(socket).await?;
+            let version = c.ping().await?;
+            let stats = c.stats().await?;
             Ok(DaemonAnswer { version, stats })
         };
         match tokio::time::timeout(timeout, ask).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
+            Err(_) => Err(AskError::Failed(format!(
                 "{}: no answer within {timeout:?}",
                 socket.display()
-            )),
+            ))),
         }
     })
+}
+
+/// [`ask`], with the reason as text.
+pub(crate) fn ask_daemon(socket: &Path, timeout: Duration) -> Result<DaemonAnswer, String> {
+    ask(socket, timeout).map_err(|e| e.to_string())
 }
 
 /// Runs the probe: `Ok(code)` with the line already printed.

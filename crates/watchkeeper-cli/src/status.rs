@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cli::{FactArgs, StatusArgs};
 use crate::layout::{self, Layout};
-use crate::probe::ask_daemon;
+use crate::probe::{AskError, ask};
 use crate::systemd::{Manager, Props};
 use crate::{exit, hb};
 
@@ -85,7 +85,8 @@ pub(crate) enum Kind {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DaemonFacts {
     pub(crate) socket: Option<String>,
-    /// `None` when not asked (the daemon is not running: asking would start it).
+    /// `None` when not asked (the daemon is not running: asking would start it), or when the
+    /// socket's permissions do not let this uid connect.
     pub(crate) answers: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) version: Option<String>,
@@ -124,6 +125,10 @@ pub(crate) struct Service {
     pub(crate) health: Health,
     /// Why the health is not `healthy`, one short phrase each.
     pub(crate) reasons: Vec<String>,
+    /// What this uid may not read (a heartbeat, the daemon's socket), one short phrase each:
+    /// left out of the health, which is judged on the rest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) unchecked: Vec<String>,
     pub(crate) heartbeat: Option<HeartbeatView>,
     pub(crate) daemon: Option<DaemonFacts>,
 }
@@ -136,7 +141,24 @@ pub(crate) struct Report {
     pub(crate) generated_unix: u64,
     pub(crate) max_age_secs: u64,
     pub(crate) overall_health: Health,
+    /// Every fact could be read; `false` when some were not readable by this uid (see each
+    /// service's `unchecked`), e.g. a system installation asked without root.
+    pub(crate) complete: bool,
+    /// The uid that asked.
+    pub(crate) uid: u32,
     pub(crate) services: Vec<Service>,
+}
+
+impl Report {
+    /// The exit code: unhealthy wins, then "could not ask" when facts were unreadable, then
+    /// degraded or healthy.
+    pub(crate) fn exit_code(&self) -> u8 {
+        if self.overall_health == Health::Unhealthy || self.complete {
+            self.overall_health.exit_code()
+        } else {
+            exit::CANNOT_ASK
+        }
+    }
 }
 
 /// Microseconds of CLOCK_MONOTONIC, the clock of systemd's `*TimestampMonotonic`.
@@ -246,6 +268,7 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
             status_text: text(p, "StatusText"),
             health: Health::Healthy,
             reasons: Vec::new(),
+            unchecked: Vec::new(),
             heartbeat: None,
             daemon: None,
         };
@@ -271,13 +294,20 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
             if s.active_state == "active"
                 && let Some(sock) = &socket_path
             {
-                match ask_daemon(&PathBuf::from(sock), Duration::from_secs(2)) {
+                match ask(&PathBuf::from(sock), Duration::from_secs(2)) {
                     Ok(a) => {
                         d.answers = Some(true);
                         d.version = Some(a.version);
                         d.jobs = Some(a.stats);
                     }
-                    Err(e) => {
+                    Err(AskError::Denied { message, answered }) => {
+                        // It refused us by its socket's mode (nothing known) or by its
+                        // allowed_uids (then it answered): not the daemon's fault.
+                        d.answers = answered.then_some(true);
+                        s.unchecked.push(format!("job counts: {message}"));
+                        d.error = Some(message);
+                    }
+                    Err(AskError::Failed(e)) => {
                         d.answers = Some(false);
                         d.error = Some(e);
                     }
@@ -293,6 +323,7 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
         .map(|s| s.health)
         .max()
         .unwrap_or(Health::Unhealthy);
+    let complete = services.iter().all(|s| s.unchecked.is_empty());
     Ok(Report {
         schema_version: SCHEMA_VERSION,
         manager: if m.user { "user" } else { "system" },
@@ -301,6 +332,8 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
             .map_or(0, |d| d.as_secs()),
         max_age_secs: args.max_age.as_secs(),
         overall_health,
+        complete,
+        uid: rustix::process::getuid().as_raw(),
         services,
     })
 }
@@ -350,7 +383,10 @@ fn classify(s: &mut Service, max_age: Duration) {
         }
         if let Some(h) = &s.heartbeat {
             let f = &h.facts;
-            if let Some(e) = &f.error {
+            if f.permission_denied {
+                s.unchecked
+                    .push(format!("heartbeat {}: permission denied", h.path));
+            } else if let Some(e) = &f.error {
                 why(
                     Health::Degraded,
                     format!("heartbeat unreadable: {e}"),
@@ -460,6 +496,7 @@ pub(crate) fn table(r: &Report, colour: bool) -> String {
     for s in &r.services {
         let hbcol = match &s.heartbeat {
             None => "-".to_owned(),
+            Some(h) if h.facts.permission_denied => "no access".to_owned(),
             Some(h) if !h.facts.found => "none".to_owned(),
             Some(h) if h.facts.error.is_some() => "unreadable".to_owned(),
             Some(h) => format!(
@@ -541,6 +578,13 @@ pub(crate) fn table(r: &Report, colour: bool) -> String {
                         j.quarantined
                     );
                 }
+                (_, None) if !s.unchecked.is_empty() => {
+                    let _ = writeln!(
+                        out,
+                        "daemon: {sock} not asked: {}",
+                        d.error.as_deref().unwrap_or("?")
+                    );
+                }
                 (Some(false), _) => {
                     let _ = writeln!(
                         out,
@@ -554,6 +598,19 @@ pub(crate) fn table(r: &Report, colour: bool) -> String {
             }
         }
     }
+    if !r.complete {
+        let unchecked: Vec<String> = r
+            .services
+            .iter()
+            .flat_map(|s| s.unchecked.iter().map(move |u| format!("{}: {u}", s.unit)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "not checked as uid {} (run as root to see everything): {}",
+            r.uid,
+            unchecked.join("; ")
+        );
+    }
     let _ = writeln!(out, "overall: {}", paint(r.overall_health, colour));
     out
 }
@@ -563,7 +620,7 @@ pub(crate) fn run(args: &StatusArgs) -> Result<u8> {
     if !args.watch {
         let r = collect(&args.facts)?;
         print_one(&r, args.json, use_colour())?;
-        return Ok(r.overall_health.exit_code());
+        return Ok(r.exit_code());
     }
     let tty = std::io::stdout().is_terminal();
     let colour = use_colour();
@@ -590,7 +647,7 @@ pub(crate) fn run(args: &StatusArgs) -> Result<u8> {
         match frame {
             Ok(r) => {
                 print_one(&r, args.json, colour)?;
-                code = r.overall_health.exit_code();
+                code = r.exit_code();
             }
             Err(e) => {
                 println!("cannot ask: {e:#}");
@@ -638,6 +695,7 @@ mod tests {
             status_text: String::new(),
             health: Health::Healthy,
             reasons: Vec::new(),
+            unchecked: Vec::new(),
             heartbeat: None,
             daemon: None,
         }
@@ -698,6 +756,52 @@ mod tests {
         assert_eq!(health(young), Health::Healthy);
     }
 
+    /// What this uid may not read is left out of the health, named in `unchecked`, and turns
+    /// the exit code into "could not ask" unless something is unhealthy.
+    #[test]
+    fn unreadable_facts_are_unchecked_not_degraded() {
+        let mut denied = with_hb(svc("w", "active", "running"), true, 42, "ok");
+        if let Some(h) = &mut denied.heartbeat {
+            h.facts = hb::Facts {
+                permission_denied: true,
+                error: Some("heartbeat file x: open failed".to_owned()),
+                health_status: "unknown".to_owned(),
+                ..hb::Facts::default()
+            };
+            h.pid_matches = false;
+        }
+        classify(&mut denied, Duration::from_secs(120));
+        assert_eq!(denied.health, Health::Healthy, "{:?}", denied.reasons);
+        assert_eq!(denied.unchecked, ["heartbeat x: permission denied"]);
+        let report = |services: Vec<Service>| Report {
+            schema_version: 1,
+            manager: "system",
+            generated_unix: 0,
+            max_age_secs: 120,
+            overall_health: services.iter().map(|s| s.health).max().unwrap(),
+            complete: services.iter().all(|s| s.unchecked.is_empty()),
+            uid: 1003,
+            services,
+        };
+        let r = report(vec![denied.clone()]);
+        assert_eq!(r.exit_code(), exit::CANNOT_ASK);
+        let t = table(&r, false);
+        assert!(t.contains(" no access"), "{t}");
+        assert!(
+            t.contains("not checked as uid 1003 (run as root to see everything): w: heartbeat x"),
+            "{t}"
+        );
+        assert!(t.ends_with("overall: healthy\n"), "{t}");
+        // Something known to be unhealthy still says so.
+        let mut failed = svc("v", "failed", "failed");
+        classify(&mut failed, Duration::from_secs(120));
+        assert_eq!(report(vec![denied, failed]).exit_code(), exit::UNHEALTHY);
+        // Everything read: the health's own code.
+        let mut ok = with_hb(svc("w", "active", "running"), true, 42, "ok");
+        classify(&mut ok, Duration::from_secs(120));
+        assert_eq!(report(vec![ok]).exit_code(), exit::OK);
+    }
+
     #[test]
     fn table_columns_align_whatever_the_lengths() {
         let r = Report {
@@ -706,6 +810,8 @@ mod tests {
             generated_unix: 0,
             max_age_secs: 120,
             overall_health: Health::Degraded,
+            complete: true,
+            uid: 0,
             services: vec![
                 svc("a.service", "active", "running"),
                 svc(
