@@ -3,6 +3,9 @@
 //! `watchkeeper` user with systemd-sysusers, writes the units into `/etc/systemd/system`, and
 //! the daemon and the worker run as that user with their state directories, socket and
 //! configuration owned and moded as the units say; `status --system` is healthy and a job runs;
+//! the shipped `LoadCredential=` hands a job its credential as a private file (and the worker
+//! still starts while the file is missing); `status` run by an operator who may read neither
+//! the heartbeats nor the socket leaves those facts unchecked instead of calling it degraded;
 //! a second install changes nothing; `doctor` finds the daemon's socket refusing an operator's
 //! uid and stops finding it once its fix is followed; `uninstall` leaves no unit behind and
 //! keeps the state, `--purge` removes it. The host's `/etc`, `/usr/local` and `/var/lib` never
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 use support::system_manager::SystemManager;
-use support::wk::built_binary;
+use support::wk::{GITHUB_TOKEN_JOB, built_binary};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const BINARIES: &[&str] = &[
@@ -31,6 +34,7 @@ const DAEMON: &str = "watchkeeper-daemon.service";
 const WORKER: &str = "watchkeeper-worker.service";
 const SOCKET_PATH: &str = "/run/watchkeeper-daemon.sock";
 const OPERATOR: &str = "wk-operator";
+const SECRET: &str = "ghp_e2eUnderTheSystemManager";
 
 struct Out {
     code: i32,
@@ -219,6 +223,7 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     // The worker's credential is optional: its file is missing and the worker runs
     // (SetCredential= is systemd's fallback for a LoadCredential= without a file).
     ensure!(!exists(&sm, "/etc/watchkeeper/credentials/github-token"));
+    ensure!(sm.show(WORKER, &["NRestarts"])?["NRestarts"] == "0");
 
     // status: healthy, with the worker's heartbeat found, fresh and from its MainPID.
     let status = wait_healthy(&sm, &bin)?;
@@ -259,6 +264,54 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The shipped LoadCredential= at work: with the credential's file in place and the worker
+    // allowed to hand it out, a job gets it as a private file, and the journal never shows it.
+    sm.run_ok(
+        "install",
+        ["-d", "-m", "0700", "/etc/watchkeeper/credentials"],
+    )?;
+    sm.run_ok(
+        "sh",
+        [
+            "-c",
+            &format!(
+                "umask 077 && echo {SECRET} >/etc/watchkeeper/credentials/github-token && \
+                 printf '%s\\n' 'allowlist = [\"echo\", \"sh\"]' \
+                 'credentials = [\"github-token\"]' >/etc/watchkeeper/worker.toml && \
+                 chmod 0644 /etc/watchkeeper/worker.toml"
+            ),
+        ],
+    )?;
+    sm.systemctl_ok(["restart", WORKER])?;
+    sm.wait_for(WORKER, "ActiveState", "active", DEADLINE)?;
+    sm.run_ok(
+        &wk_jobs,
+        ["--socket", SOCKET_PATH, "submit-json", GITHUB_TOKEN_JOB],
+    )?;
+    let t0 = Instant::now();
+    loop {
+        let s = jobs_stats(&sm, &wk_jobs)?;
+        ensure!(
+            s["failed"] == 0,
+            "the job failed: {s}\n{}",
+            sm.journal(WORKER)
+        );
+        if s["completed"] == 2 && sm.journal(WORKER).contains("the token is [redacted]") {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < DEADLINE,
+            "the credential job did not complete: {s}\n{}",
+            sm.journal(WORKER)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let journal = sm.journal(WORKER);
+    ensure!(
+        !journal.contains(SECRET),
+        "the secret is in the journal:\n{journal}"
+    );
 
     // A second install changes nothing and restarts nothing.
     let pid_before = sm.show(DAEMON, &["MainPID"])?["MainPID"].clone();
@@ -350,7 +403,7 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     ensure!(
         o.code == 3
             && d["daemon"]["answers"] == true
-            && d["daemon"]["jobs"]["completed"] == 1
+            && d["daemon"]["jobs"]["completed"] == 2
             && d.get("unchecked").is_none(),
         "{v:#}"
     );

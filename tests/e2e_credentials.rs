@@ -15,7 +15,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use support::wk::{SOCKET, WORKER, Wk};
+use support::wk::{GITHUB_TOKEN_JOB as JOB, SOCKET, WORKER, Wk};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const SECRET: &str = "ghp_e2eUnderTheUserManager";
@@ -24,9 +24,6 @@ const WORKER_TOML: &str = r#"allowlist = ["sh"]
 poll_interval_ms = 100
 credentials = ["github-token"]
 "#;
-
-/// A job that checks it got the secret as a private file, and prints it (to be redacted).
-const JOB: &str = r#"{"command": ["sh", "-c", "f=\"$WK_CREDENTIAL_GITHUB_TOKEN\"; test \"$(stat -c %a \"$f\")\" = 600 || exit 2; test \"$(stat -c %a \"$(dirname \"$f\")\")\" = 700 || exit 3; env | grep -qF \"$(cat \"$f\")\" && exit 4; echo \"the token is $(cat \"$f\")\"; echo \"on stderr: $(cat \"$f\")\" >&2"], "credentials": ["github-token"]}"#;
 
 #[test]
 fn a_job_gets_the_units_credential_as_a_file_and_the_journal_never_shows_it() -> Result<()> {

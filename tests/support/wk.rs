@@ -24,6 +24,11 @@ use watchkeeper::heartbeat::{Heartbeat, check_heartbeat};
 
 use super::user_manager::UserManager;
 
+/// A job (JSON for `wk-jobs submit-json`) that asks for the credential `github-token`, checks
+/// that it got it as a private file (0600 in a 0700 directory, not in its environment), and
+/// prints it on stdout and stderr (for the worker to redact).
+pub const GITHUB_TOKEN_JOB: &str = r#"{"command": ["sh", "-c", "f=\"$WK_CREDENTIAL_GITHUB_TOKEN\"; test \"$(stat -c %a \"$f\")\" = 600 || exit 2; test \"$(stat -c %a \"$(dirname \"$f\")\")\" = 700 || exit 3; env | grep -qF \"$(cat \"$f\")\" && exit 4; echo \"the token is $(cat \"$f\")\"; echo \"on stderr: $(cat \"$f\")\" >&2"], "credentials": ["github-token"]}"#;
+
 /// The workspace root.
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The binaries the units run, as cargo builds them into `target/debug`.

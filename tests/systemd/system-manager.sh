@@ -176,6 +176,11 @@ ReadKMsg=no
 Audit=no
 RateLimitIntervalSec=0
 EOF
+    # Shared propagation inside the namespace (new peer groups, cut off from the host by the
+    # private step of unshare), as on a booted system: systemd sets up a unit's credentials in
+    # a child mount namespace and moves them to /run/credentials/UNIT, which reaches PID 1's
+    # namespace only through a shared /run. In a container systemd leaves / as it finds it.
+    mount --make-rshared /
     exec env -i container=wk-e2e-system PATH="$PATH_IN_NS" LANG=C.UTF-8 \
         "$SYSTEMD_BIN" --system --unit=wk-e2e.target --log-level=info --log-target=console \
         --show-status=no
