@@ -229,3 +229,153 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
     drop(linger);
     Ok(())
 }
+
+const BETA: &str = "watchkeeper-worker@beta.service";
+
+/// The worker units' own credentials: doctor reads `LoadCredential=` from the loaded units and
+/// checks each file (missing, modes, owner) once, while the unit runs on the `SetCredential=`
+/// fallback.
+#[test]
+fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
+    let Some(wk) = Wk::start(None, None)? else {
+        return Ok(());
+    };
+    let bin = wk.install_binary(&built_binary("watchkeeper")?);
+    fs::create_dir_all("/var/lib/systemd/linger")?;
+    let linger = Linger(Path::new("/var/lib/systemd/linger").join(wk.user_name()));
+    fs::write(&linger.0, "")?;
+    let creds = wk.config_dir().join("credentials");
+    let token = creds.join("token");
+    wk.drop_in(
+        "watchkeeper-worker@.service",
+        &format!(
+            "[Service]\nLoadCredential=token:{}\nSetCredential=token:missing\n",
+            token.display()
+        ),
+    )?;
+    wk.systemctl_ok(["start", SOCKET, DAEMON, ALPHA, BETA])?;
+    wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
+    wk.wait_for(BETA, "ActiveState", "active", DEADLINE)?;
+
+    // The file (and its directory) missing: one finding for both instances, naming them and
+    // the path, with the command that creates both.
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4, "exit {code}: {lines:#?}");
+    has(
+        &lines,
+        &format!(
+            "credential token of {ALPHA}, {BETA} is missing: no {}",
+            token.display()
+        ),
+        &format!(
+            "install -d -m 0700 {} && install -m 0600 /dev/stdin {}",
+            creds.display(),
+            token.display()
+        ),
+    )?;
+    ensure!(lines.len() == 1, "{lines:#?}");
+
+    // Meanwhile the unit runs: systemd uses the SetCredential= fallback, no crash loop.
+    wk.systemctl_ok(["restart", ALPHA])?;
+    wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
+    let p = wk.assert_running(ALPHA)?;
+    ensure!(p["NRestarts"] == "0", "{p:?}");
+
+    // Wrong modes of the directory and the file; never the secret in the output.
+    fs::create_dir(&creds)?;
+    fs::write(&token, "s3cr3t-value\n")?;
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o640))?;
+    for p in [&creds, &token] {
+        std::os::unix::fs::chown(p, Some(wk.uid()), Some(wk.gid()))?;
+    }
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4, "exit {code}: {lines:#?}");
+    has(
+        &lines,
+        "has mode 0755, not 0700",
+        &format!("chmod 0700 {}", creds.display()),
+    )?;
+    has(
+        &lines,
+        "has mode 0640, not 0600",
+        &format!("chmod 0600 {}", token.display()),
+    )?;
+    ensure!(lines.len() == 2, "{lines:#?}");
+    ensure!(
+        !lines.iter().any(|l| l.contains("s3cr3t-value")),
+        "a secret in the output"
+    );
+
+    // The file owned by someone else (root): the manager, running as the user, cannot read it.
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600))?;
+    std::os::unix::fs::chown(&token, Some(0), Some(0))?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4, "exit {code}: {lines:#?}");
+    has(
+        &lines,
+        &format!(
+            "the credential {} is owned by uid 0, not {}",
+            token.display(),
+            wk.uid()
+        ),
+        &format!("chown {} {}", wk.uid(), token.display()),
+    )?;
+    ensure!(lines.len() == 1, "{lines:#?}");
+
+    // All fine: no findings, and the unit starts with the file.
+    std::os::unix::fs::chown(&token, Some(wk.uid()), Some(wk.gid()))?;
+    clean(&wk, &bin)?;
+    wk.systemctl_ok(["restart", ALPHA])?;
+    wk.assert_running(ALPHA)?;
+    clean(&wk, &bin)?;
+
+    // Without a bus to read the property from, doctor says so instead of passing silently.
+    let o = wk.run(
+        "env",
+        [
+            "DBUS_SESSION_BUS_ADDRESS=unix:path=/nonexistent/bus".as_ref(),
+            bin.as_os_str(),
+            "doctor".as_ref(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    eprintln!("$ env DBUS_SESSION_BUS_ADDRESS=... watchkeeper doctor\n{text}");
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    ensure!(o.status.code() == Some(4), "{:?}: {lines:#?}", o.status);
+    has(
+        &lines,
+        "cannot read LoadCredential= of the worker units",
+        "dbus-user-session",
+    )?;
+
+    // A relative path names a credential of the manager itself: not a file doctor can check.
+    wk.drop_in(
+        "watchkeeper-worker@.service",
+        &format!(
+            "[Service]\nLoadCredential=token:{}\nLoadCredential=inherited:from-manager\n\
+             SetCredential=token:missing\n",
+            token.display()
+        ),
+    )?;
+    let o = wk.run(
+        "busctl",
+        [
+            "--user",
+            "get-property",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1/unit/watchkeeper_2dworker_40alpha_2eservice",
+            "org.freedesktop.systemd1.Service",
+            "LoadCredential",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    ensure!(
+        text.contains("\"inherited\" \"from-manager\""),
+        "the relative LoadCredential= is not loaded: {text}"
+    );
+    clean(&wk, &bin)?;
+    drop(linger);
+    Ok(())
+}
