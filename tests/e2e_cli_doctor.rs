@@ -39,6 +39,68 @@ fn doctor(wk: &Wk, bin: &Path, extra: &[&str]) -> (i32, Vec<String>) {
     )
 }
 
+/// `watchkeeper doctor` as the user, in a mount namespace of its own below the manager's whose
+/// `/run` is a fresh tmpfs holding only the manager's `/run/user` and `/run/systemd`: a host
+/// without `/run/credentials`, as doctor sees it (the manager keeps its own). `None` with the
+/// caller's own manager (this needs root).
+fn doctor_without_run_credentials(wk: &Wk, bin: &Path) -> Result<Option<(i32, Vec<String>)>> {
+    if wk.is_own() {
+        eprintln!("not planting a missing /run/credentials: needs the private manager (root)");
+        return Ok(None);
+    }
+    let holder = fs::read_to_string(wk.state_dir().join("holder.pid"))?;
+    let holder = holder
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let new_run = wk.state_dir().join("run-without-credentials");
+    if !new_run.exists() {
+        fs::create_dir(&new_run)?;
+    }
+    let script = r#"set -e
+new=$1 uid=$2 gid=$3 home=$4 user=$5 bin=$6
+mount -n -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$new"
+mkdir "$new/user" "$new/systemd"
+mount -n --rbind /run/user "$new/user"
+mount -n --rbind /run/systemd "$new/systemd"
+mount -n --move "$new" /run
+test ! -e /run/credentials
+cd "$home"
+exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- env -i HOME="$home" USER="$user" \
+    LOGNAME="$user" PATH=/usr/local/bin:/usr/bin:/bin XDG_RUNTIME_DIR="/run/user/$uid" \
+    LANG=C.UTF-8 "$bin" doctor"#;
+    let o = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &holder,
+            "-m",
+            "--",
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+        ])
+        .args(["--", "sh", "-c", script, "sh"])
+        .arg(&new_run)
+        .arg(wk.uid().to_string())
+        .arg(wk.gid().to_string())
+        .arg(wk.user_home())
+        .arg(wk.user_name())
+        .arg(bin)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!(
+        "$ watchkeeper doctor (no /run/credentials)\n{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(Some((
+        o.status.code().unwrap_or(-1),
+        text.lines().map(str::to_owned).collect(),
+    )))
+}
+
 /// Asserts that a finding containing `needle` is there, with a fix containing `fix`.
 fn has(lines: &[String], needle: &str, fix: &str) -> Result<()> {
     ensure!(
@@ -244,6 +306,10 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
     fs::create_dir_all("/var/lib/systemd/linger")?;
     let linger = Linger(Path::new("/var/lib/systemd/linger").join(wk.user_name()));
     fs::write(&linger.0, "")?;
+    // No unit loads a credential: a missing /run/credentials does not matter.
+    if let Some((code, lines)) = doctor_without_run_credentials(&wk, &bin)? {
+        ensure!(code == 0 && lines == ["no findings"], "{code}: {lines:#?}");
+    }
     let creds = wk.config_dir().join("credentials");
     let token = creds.join("token");
     wk.drop_in(
@@ -330,6 +396,17 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
     wk.systemctl_ok(["restart", ALPHA])?;
     wk.assert_running(ALPHA)?;
     clean(&wk, &bin)?;
+
+    // Where /run/credentials is missing, the units that load credentials would not start.
+    if let Some((code, lines)) = doctor_without_run_credentials(&wk, &bin)? {
+        ensure!(code == 4, "exit {code}: {lines:#?}");
+        has(
+            &lines,
+            &format!("{ALPHA}, {BETA} load credentials but /run/credentials is missing"),
+            "sudo install -d -m 0755 /run/credentials",
+        )?;
+        ensure!(lines.len() == 1, "{lines:#?}");
+    }
 
     // Without a bus to read the property from, doctor says so instead of passing silently.
     let o = wk.run(

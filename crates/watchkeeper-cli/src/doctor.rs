@@ -24,6 +24,9 @@ const PROPS: &[&str] = &[
     "StateChangeTimestampMonotonic",
 ];
 
+/// Where systemd mounts the units' credentials in their mount namespace.
+const RUN_CREDENTIALS: &str = "/run/credentials";
+
 /// How long a worker may be `activating` before it counts as stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(5);
 
@@ -248,6 +251,26 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         .map(|(u, _)| u.as_str());
     match units_load_credentials(m, workers) {
         Ok(loaded) => {
+            // systemd 252 bind-mounts a unit's credentials below /run/credentials when the
+            // unit has a mount namespace (the workers' hardening does): a user manager cannot
+            // create that directory, and where it is missing the unit fails to start with
+            // 226/NAMESPACE. (A booted system has it once a system service had credentials.)
+            let mut with_creds: Vec<&str> = loaded.iter().map(|(u, _, _)| u.as_str()).collect();
+            with_creds.dedup();
+            if m.user && !with_creds.is_empty() && !Path::new(RUN_CREDENTIALS).is_dir() {
+                out.push(finding(
+                    format!(
+                        "{} load credentials but {RUN_CREDENTIALS} is missing: the user manager \
+                         then fails their start with 226/NAMESPACE",
+                        with_creds.join(", ")
+                    ),
+                    format!(
+                        "sudo install -d -m 0755 {RUN_CREDENTIALS} (at every boot: echo \
+                         'd {RUN_CREDENTIALS} 0755 root root -' | sudo tee \
+                         /etc/tmpfiles.d/watchkeeper-credentials.conf)"
+                    ),
+                ));
+            }
             for (unit, name, path) in loaded {
                 // A relative PATH names a credential of the manager itself (systemd.exec(5)):
                 // nothing on disk here to check, so it is left out.
