@@ -299,7 +299,12 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
     } else {
         0
     };
-    creds.check(owner, &mut out);
+    let as_whom = if m.user {
+        "run doctor as the user whose manager runs the units"
+    } else {
+        "sudo watchkeeper doctor --system"
+    };
+    creds.check(owner, as_whom, &mut out);
 
     // The heartbeat directory.
     let hb_dir = args
@@ -486,7 +491,8 @@ impl Credentials {
         r.units.extend(unit.map(str::to_owned));
     }
 
-    fn check(&self, owner: u32, out: &mut Vec<Finding>) {
+    /// `as_whom`: how to run doctor so that it may look (the fix of a file it cannot stat).
+    fn check(&self, owner: u32, as_whom: &str, out: &mut Vec<Finding>) {
         let mut dirs: BTreeSet<PathBuf> = self.scanned.clone();
         dirs.extend(
             self.required
@@ -526,7 +532,7 @@ impl Credentials {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push((p, r)),
                 Err(e) => out.push(finding(
                     format!("cannot check the credential {}: {e}", p.display()),
-                    "run doctor as the user the manager runs as (root for --system)",
+                    as_whom,
                 )),
             }
         }
@@ -676,7 +682,7 @@ mod tests {
         c.require(creds.join("gone"), "gone", Some("a.service"));
         c.require(creds.join("gone"), "gone", Some("b.service"));
         let mut out = Vec::new();
-        c.check(rustix::process::geteuid().as_raw(), &mut out);
+        c.check(rustix::process::geteuid().as_raw(), "as root", &mut out);
         let lines: Vec<String> = out
             .iter()
             .map(|f| format!("{}: fix: {}", f.problem, f.fix))
