@@ -243,13 +243,14 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
     for name in &args.credentials {
         creds.require(cred_dir.join(name), name, None);
     }
-    let workers = units
+    let workers: Vec<&str> = units
         .iter()
         .zip(&props)
         .skip(2)
         .filter(|(_, p)| get(p, "LoadState") == "loaded")
-        .map(|(u, _)| u.as_str());
-    match units_load_credentials(m, workers) {
+        .map(|(u, _)| u.as_str())
+        .collect();
+    match units_load_credentials(m, &workers) {
         Ok(loaded) => {
             // systemd 252 bind-mounts a unit's credentials below /run/credentials when the
             // unit has a mount namespace (the workers' hardening does): a user manager cannot
@@ -280,18 +281,35 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
                 }
             }
         }
-        Err(e) => out.push(finding(
-            format!("cannot read LoadCredential= of the worker units: {e}"),
-            if m.user {
-                "install the user bus (dbus-user-session) and log in again, or check the \
-                 LoadCredential= files of `systemctl --user cat watchkeeper-worker.service` by hand"
-                    .to_owned()
-            } else {
-                "start the system bus (systemctl start dbus.service), or check the \
-                 LoadCredential= files of `systemctl cat watchkeeper-worker.service` by hand"
-                    .to_owned()
-            },
-        )),
+        Err(e) => {
+            // Without the bus, only whether the unit files set LoadCredential= at all (the
+            // shipped user units do not): then there is nothing to check and nothing to say.
+            let declared: Vec<&str> = workers
+                .iter()
+                .copied()
+                .filter(|u| {
+                    m.run_ok(&["cat", "--no-pager", u])
+                        .map_or(true, |text| declares_load_credential(&text))
+                })
+                .collect();
+            if !declared.is_empty() {
+                out.push(finding(
+                    format!(
+                        "cannot read LoadCredential= of {}: {e}",
+                        declared.join(", ")
+                    ),
+                    format!(
+                        "{}, or check the LoadCredential= files of `{}` by hand",
+                        if m.user {
+                            "install the user bus (dbus-user-session) and log in again"
+                        } else {
+                            "start the system bus (systemctl start dbus.service)"
+                        },
+                        m.cmd_line(&format!("cat {}", declared[0]))
+                    ),
+                ));
+            }
+        }
     }
     // The manager reads the files: the user for a user install, root for a system install.
     let owner = if m.user {
@@ -385,12 +403,12 @@ fn one_line(e: &dyn std::error::Error) -> String {
 /// has no printer for the D-Bus type `a(ss)`), so the property is read with
 /// `busctl --json=short get-property`, one call per unit. `busctl` needs the bus (the user bus
 /// for a user install), where `systemctl` also works without it; without one, an error.
-fn units_load_credentials<'a>(
+fn units_load_credentials(
     m: Manager,
-    units: impl Iterator<Item = &'a str>,
+    units: &[&str],
 ) -> Result<Vec<(String, String, String)>, String> {
     let mut out = Vec::new();
-    for unit in units {
+    for &unit in units {
         let args = [
             m.flag(),
             "--json=short",
@@ -419,6 +437,18 @@ fn units_load_credentials<'a>(
         }
     }
     Ok(out)
+}
+
+/// Whether `systemctl cat UNIT` (the unit file and its drop-ins, in order) leaves a
+/// `LoadCredential=` in effect: an empty assignment resets the list (systemd.exec(5)).
+fn declares_load_credential(text: &str) -> bool {
+    let mut any = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("LoadCredential=") {
+            any = !v.trim().is_empty();
+        }
+    }
+    any
 }
 
 /// `busctl --json=short get-property ... LoadCredential`: `{"type":"a(ss)","data":[["ID","PATH"],...]}`.
@@ -642,6 +672,23 @@ mod tests {
         assert!(e.contains("[unprintable]"), "{e}");
         let e = parse_load_credential("{\"type\":\"as\",\"data\":[]}").expect_err("type");
         assert!(e.contains("not a(ss)"), "{e}");
+    }
+
+    #[test]
+    fn unit_files_declare_load_credential() {
+        // The shipped user unit: commented out.
+        let shipped = "# /home/u/.config/systemd/user/watchkeeper-worker@.service\n[Service]\n\
+                       #LoadCredential=github-token:%E/watchkeeper/credentials/github-token\n\
+                       #SetCredential=github-token:watchkeeper-credential-missing\n";
+        assert!(!declares_load_credential(shipped));
+        let drop_in = format!(
+            "{shipped}\n# /home/u/.config/systemd/user/watchkeeper-worker@.service.d/50-x.conf\n\
+             [Service]\nLoadCredential=token:/home/u/token\n"
+        );
+        assert!(declares_load_credential(&drop_in));
+        assert!(!declares_load_credential(&format!(
+            "{drop_in}[Service]\nLoadCredential=\n"
+        )));
     }
 
     #[test]
