@@ -63,8 +63,9 @@ fn doctor_without_bus(wk: &Wk, bin: &Path) -> (i32, Vec<String>) {
 
 /// `watchkeeper doctor` as the user, in a mount namespace of its own below the manager's whose
 /// `/run` is a fresh tmpfs holding only the manager's `/run/user` and `/run/systemd`: a host
-/// without `/run/credentials`, as doctor sees it (the manager keeps its own). `None` with the
-/// caller's own manager (this needs root).
+/// without `/run/credentials`, as doctor sees it (the manager keeps its own). The namespace is
+/// entered through the holder process the harness records in `STATE_DIR/holder.pid`; it and
+/// its mounts end with the command. `None` with the caller's own manager (this needs root).
 fn doctor_without_run_credentials(wk: &Wk, bin: &Path) -> Result<Option<(i32, Vec<String>)>> {
     if wk.is_own() {
         eprintln!("not planting a missing /run/credentials: needs the private manager (root)");
