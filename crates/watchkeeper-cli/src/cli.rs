@@ -178,11 +178,12 @@ pub(crate) struct RollbackArgs {
 pub(crate) struct DoctorArgs {
     #[command(flatten)]
     pub(crate) facts: FactArgs,
-    /// The worker's credential directory to check (files 0600, directory 0700)
-    /// [default: the config directory's `credentials/`].
+    /// The worker's credential directory to check (files 0600, directory 0700), besides the
+    /// files the worker units load with `LoadCredential=` [default: the config directory's
+    /// `credentials/`].
     #[arg(long)]
     pub(crate) credentials_dir: Option<PathBuf>,
-    /// Credentials the workers need (each must exist in the credential directory).
+    /// More credentials the workers need (each must exist in the credential directory).
     #[arg(long = "credential", value_name = "NAME")]
     pub(crate) credentials: Vec<String>,
 }
