@@ -224,6 +224,18 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     // (SetCredential= is systemd's fallback for a LoadCredential= without a file).
     ensure!(!exists(&sm, "/etc/watchkeeper/credentials/github-token"));
     ensure!(sm.show(WORKER, &["NRestarts"])?["NRestarts"] == "0");
+    // doctor names the missing file, from the unit's own LoadCredential= line.
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    ensure!(
+        o.code == 4
+            && o.stdout.lines().count() == 1
+            && o.stdout.starts_with(
+                "credential github-token of watchkeeper-worker.service is missing: \
+                 no /etc/watchkeeper/credentials/github-token: fix: "
+            ),
+        "{}",
+        o.stdout
+    );
 
     // status: healthy, with the worker's heartbeat found, fresh and from its MainPID.
     let status = wait_healthy(&sm, &bin)?;
@@ -330,6 +342,24 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         "{}",
         o.stdout
     );
+    // The heartbeat directory is judged for the workers' user, not for root (who may write
+    // anywhere): 0500 is a finding, and its fix clears it.
+    sm.run_ok("chmod", ["0500", "/var/lib/watchkeeper-worker"])?;
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    let fix = "chown watchkeeper: /var/lib/watchkeeper-worker && chmod 0700 \
+               /var/lib/watchkeeper-worker";
+    ensure!(
+        o.code == 4
+            && o.stdout.lines().any(|l| l.starts_with(
+                "the heartbeat directory /var/lib/watchkeeper-worker is not writable by \
+                 watchkeeper"
+            ) && l.ends_with(fix)),
+        "{}",
+        o.stdout
+    );
+    sm.run_ok("sh", ["-c", fix])?;
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    ensure!(o.code == 0, "{}", o.stdout);
 
     // status as an operator who may read neither the heartbeat (its directory is 0700
     // watchkeeper) nor the socket (0660 watchkeeper): the unreadable facts are named and left
@@ -394,6 +424,13 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     ensure!(
         !o.stdout.contains("refuses uid"),
         "still refused after the fix: {}",
+        o.stdout
+    );
+    // The operator may not write the workers' heartbeat directory, but the workers may: no
+    // finding about it.
+    ensure!(
+        !o.stdout.contains("heartbeat directory"),
+        "the operator's own access taken for the workers': {}",
         o.stdout
     );
     // Now the daemon answers the operator; only the heartbeat stays unchecked.

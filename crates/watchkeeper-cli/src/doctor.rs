@@ -22,6 +22,7 @@ const PROPS: &[&str] = &[
     "NeedDaemonReload",
     "Listen",
     "StateChangeTimestampMonotonic",
+    "User",
 ];
 
 /// Where systemd mounts the units' credentials in their mount namespace.
@@ -331,20 +332,59 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         .clone()
         .unwrap_or_else(|| l.worker_state_dir());
     if hb_dir.exists() {
-        let writable = hb_dir.is_dir()
-            && rustix::fs::access(
-                &hb_dir,
-                rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
-            )
-            .is_ok();
-        if !writable {
-            out.push(finding(
-                format!(
-                    "the heartbeat directory {} is not writable",
-                    hb_dir.display()
-                ),
-                format!("chmod 0700 {}", hb_dir.display()),
-            ));
+        // A system install's workers write as their User=: judge by owner and mode, so that
+        // neither root (who may write anywhere) nor an operator (who may not) is the measure.
+        let worker_user = if m.user {
+            None
+        } else {
+            props
+                .iter()
+                .skip(2)
+                .map(|p| get(p, "User"))
+                .find(|u| !u.is_empty())
+                .and_then(|name| {
+                    let user = nix::unistd::User::from_name(name).ok().flatten()?;
+                    Some((name.to_owned(), user.uid.as_raw()))
+                })
+        };
+        match worker_user {
+            Some((name, uid)) => {
+                let md = std::fs::metadata(&hb_dir);
+                let ok = md
+                    .as_ref()
+                    .is_ok_and(|md| md.is_dir() && md.uid() == uid && md.mode() & 0o300 == 0o300);
+                if !ok {
+                    let what = md.map_or_else(
+                        |e| e.to_string(),
+                        |md| format!("owner uid {}, mode {:04o}", md.uid(), md.mode() & 0o7777),
+                    );
+                    out.push(finding(
+                        format!(
+                            "the heartbeat directory {} is not writable by {name}, the workers' \
+                             user ({what})",
+                            hb_dir.display()
+                        ),
+                        format!("chown {name}: {d} && chmod 0700 {d}", d = hb_dir.display()),
+                    ));
+                }
+            }
+            None => {
+                let writable = hb_dir.is_dir()
+                    && rustix::fs::access(
+                        &hb_dir,
+                        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+                    )
+                    .is_ok();
+                if !writable {
+                    out.push(finding(
+                        format!(
+                            "the heartbeat directory {} is not writable",
+                            hb_dir.display()
+                        ),
+                        format!("chmod 0700 {}", hb_dir.display()),
+                    ));
+                }
+            }
         }
     }
 
