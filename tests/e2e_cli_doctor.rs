@@ -135,6 +135,17 @@ fn has(lines: &[String], needle: &str, fix: &str) -> Result<()> {
     Ok(())
 }
 
+/// The shipped worker units load `github-token`: a sound installation has its file, 0600 in a
+/// 0700 directory, owned by the user.
+fn provide_github_token(wk: &Wk) -> Result<PathBuf> {
+    let creds = wk.config_dir().join("credentials");
+    let file = creds.join("github-token");
+    wk.write_user_file(&file, "ghp_doctorNeverPrintsIt\n")?;
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600))?;
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o700))?;
+    Ok(file)
+}
+
 fn clean(wk: &Wk, bin: &Path) -> Result<()> {
     let (code, lines) = doctor(wk, bin, &[]);
     ensure!(code == 0 && lines == ["no findings"], "{code}: {lines:#?}");
@@ -147,6 +158,7 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
         return Ok(());
     };
     let bin = wk.install_binary(&built_binary("watchkeeper")?);
+    provide_github_token(&wk)?;
     wk.systemctl_ok(["start", SOCKET, DAEMON, ALPHA])?;
     wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
 
@@ -178,7 +190,6 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
 
     // Credentials: directory and file modes, a missing one.
     let creds = wk.config_dir().join("credentials");
-    fs::create_dir(&creds)?;
     fs::write(creds.join("token"), "s3cr3t-value\n")?;
     fs::set_permissions(&creds, fs::Permissions::from_mode(0o755))?;
     fs::set_permissions(creds.join("token"), fs::Permissions::from_mode(0o644))?;
@@ -188,7 +199,7 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
     let (code, lines) = doctor(
         &wk,
         &bin,
-        &["--credential", "github-token", "--credential", "token"],
+        &["--credential", "absent", "--credential", "token"],
     );
     ensure!(code == 4);
     has(
@@ -201,11 +212,7 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
         "has mode 0644, not 0600",
         &format!("chmod 0600 {}", creds.join("token").display()),
     )?;
-    has(
-        &lines,
-        "credential github-token is missing",
-        "install -m 0600",
-    )?;
+    has(&lines, "credential absent is missing", "install -m 0600")?;
     ensure!(lines.len() == 3, "{lines:#?}");
     ensure!(
         !lines.iter().any(|l| l.contains("s3cr3t-value")),
@@ -316,6 +323,7 @@ fn doctor_finds_each_planted_fault() -> Result<()> {
 }
 
 const BETA: &str = "watchkeeper-worker@beta.service";
+const WORKER: &str = "watchkeeper-worker.service";
 
 /// The worker units' own credentials: doctor reads `LoadCredential=` from the loaded units and
 /// checks each file (missing, modes, owner) once, while the unit runs on the `SetCredential=`
@@ -329,14 +337,23 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
     fs::create_dir_all("/var/lib/systemd/linger")?;
     let linger = Linger(Path::new("/var/lib/systemd/linger").join(wk.user_name()));
     fs::write(&linger.0, "")?;
-    // No unit loads a credential: neither a missing user bus nor a missing /run/credentials
-    // matters.
+    // A unit that loads no credential (an empty LoadCredential= resets the shipped list):
+    // neither a missing user bus nor a missing /run/credentials matters.
+    for unit in ["watchkeeper-worker.service", "watchkeeper-worker@.service"] {
+        wk.drop_in(unit, "[Service]\nLoadCredential=\nSetCredential=\n")?;
+    }
     let (code, lines) = doctor_without_bus(&wk, &bin);
     ensure!(code == 0 && lines == ["no findings"], "{code}: {lines:#?}");
     if let Some((code, lines)) = doctor_without_run_credentials(&wk, &bin)? {
         ensure!(code == 0 && lines == ["no findings"], "{code}: {lines:#?}");
     }
-    let creds = wk.config_dir().join("credentials");
+    // The shipped units again, with their credential's file in place.
+    for unit in ["watchkeeper-worker.service", "watchkeeper-worker@.service"] {
+        fs::remove_file(wk.unit_dir().join(format!("{unit}.d/50-e2e.conf")))?;
+    }
+    wk.systemctl_ok(["daemon-reload"])?;
+    provide_github_token(&wk)?;
+    let creds = wk.config_dir().join("job-credentials");
     let token = creds.join("token");
     wk.drop_in(
         "watchkeeper-worker@.service",
@@ -439,7 +456,7 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
     ensure!(code == 4, "exit {code}: {lines:#?}");
     has(
         &lines,
-        &format!("cannot read LoadCredential= of {ALPHA}, {BETA}: "),
+        &format!("cannot read LoadCredential= of {WORKER}, {ALPHA}, {BETA}: "),
         "dbus-user-session",
     )?;
     ensure!(lines.len() == 1, "{lines:#?}");

@@ -716,11 +716,15 @@ mod tests {
 
     #[test]
     fn unit_files_declare_load_credential() {
-        // The shipped user unit: commented out.
+        // Commented out: not set.
         let shipped = "# /home/u/.config/systemd/user/watchkeeper-worker@.service\n[Service]\n\
                        #LoadCredential=github-token:%E/watchkeeper/credentials/github-token\n\
                        #SetCredential=github-token:watchkeeper-credential-missing\n";
         assert!(!declares_load_credential(shipped));
+        // The shipped unit sets it.
+        assert!(declares_load_credential(include_str!(
+            "../../../contrib/systemd/user/watchkeeper-worker@.service"
+        )));
         let drop_in = format!(
             "{shipped}\n# /home/u/.config/systemd/user/watchkeeper-worker@.service.d/50-x.conf\n\
              [Service]\nLoadCredential=token:/home/u/token\n"
