@@ -393,6 +393,32 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         o.stdout
     );
 
+    // metrics say the same: incomplete, and no daemon sample rather than a false 0.
+    let o = cli(&sm, Some(OPERATOR), &bin, &["metrics", "--system"]);
+    ensure!(
+        o.code == 0
+            && o.stdout
+                .lines()
+                .any(|l| l == "watchkeeper_status_complete 0")
+            && !o.stdout.contains("\nwatchkeeper_daemon_answers ")
+            && o.stdout
+                .lines()
+                .any(|l| l == "watchkeeper_overall_health 0"),
+        "{}",
+        o.stdout
+    );
+    let o = cli(&sm, None, &bin, &["metrics", "--system"]);
+    ensure!(
+        o.stdout
+            .lines()
+            .any(|l| l == "watchkeeper_status_complete 1")
+            && o.stdout
+                .lines()
+                .any(|l| l == "watchkeeper_daemon_answers 1"),
+        "{}",
+        o.stdout
+    );
+
     // An operator in the socket's group, but not in allowed_uids: doctor finds the daemon
     // refusing its uid and names the fix; once the fix is followed, the finding is gone.
     sm.run_ok("usermod", ["-aG", "watchkeeper", OPERATOR])?;

@@ -120,6 +120,11 @@ pub(crate) fn render(r: &Report) -> String {
         "gauge",
         "The worst health of all units: 0 healthy, 1 degraded, 2 unhealthy.",
     );
+    let mut complete = Family::new(
+        "watchkeeper_status_complete",
+        "gauge",
+        "1 when every fact could be read by the uid that collected them (heartbeats, socket).",
+    );
     for s in &r.services {
         let labels = format!(
             "unit=\"{}\",instance=\"{}\"",
@@ -147,7 +152,10 @@ pub(crate) fn render(r: &Report) -> String {
             quarantined.add(labels.clone(), f.jobs_quarantined);
         }
         if let Some(d) = &s.daemon {
-            daemon_up.add(String::new(), u8::from(d.answers == Some(true)));
+            // Not known when the socket refused the collecting uid: no sample.
+            if d.answers.is_some() || s.unchecked.is_empty() {
+                daemon_up.add(String::new(), u8::from(d.answers == Some(true)));
+            }
             if let Some(j) = &d.jobs {
                 for (state, n) in [
                     ("queued", j.queued),
@@ -163,6 +171,7 @@ pub(crate) fn render(r: &Report) -> String {
         }
     }
     overall.add(String::new(), r.overall_health.level());
+    complete.add(String::new(), u8::from(r.complete));
     let mut out = String::new();
     for f in [
         up,
@@ -180,6 +189,7 @@ pub(crate) fn render(r: &Report) -> String {
         daemon_up,
         jobs,
         overall,
+        complete,
     ] {
         if f.samples.is_empty() {
             continue;
