@@ -101,12 +101,32 @@ fn jobs_stats(sm: &SystemManager, wk_jobs: &Path) -> Result<Value> {
     serde_json::from_str(out.trim()).with_context(|| out.clone())
 }
 
-/// On the host, outside the namespace: whether the `watchkeeper` user exists.
-fn host_has_user() -> bool {
-    Command::new("getent")
-        .args(["passwd", "watchkeeper"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+/// On the host, outside the namespace: the files an install, sysusers or a manager would
+/// change there, the names below the directories it would write, and a kernel setting systemd
+/// as PID 1 raises.
+fn host_snapshot() -> Result<Vec<(String, Vec<u8>)>> {
+    let mut snap = Vec::new();
+    for f in [
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/shadow",
+        "/proc/sys/fs/file-max",
+    ] {
+        snap.push((f.to_owned(), std::fs::read(f).unwrap_or_default()));
+    }
+    for d in [
+        "/etc/systemd/system",
+        "/etc/sysusers.d",
+        "/etc/watchkeeper",
+        "/usr/local",
+        "/var/lib",
+    ] {
+        let o = Command::new("find")
+            .args([d, "-maxdepth", "3", "-name", "*watchkeeper*"])
+            .output()?;
+        snap.push((format!("find {d}"), o.stdout));
+    }
+    Ok(snap)
 }
 
 #[test]
@@ -120,7 +140,7 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         bins.iter().all(|b| b.parent() == Some(dir.as_path())),
         "the binaries are not in one directory: {bins:?}"
     );
-    let host_user_before = host_has_user();
+    let host_before = host_snapshot()?;
     let Some(sm) = SystemManager::start()? else {
         return Ok(());
     };
@@ -135,6 +155,17 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         "--bin-dir",
         &dir_s,
     ];
+
+    // The harness itself: the machine's kernel settings and the root file system outside the
+    // overlays are out of reach from inside.
+    for (what, cmd) in [
+        ("fs.file-max", "echo 1000 >/proc/sys/fs/file-max"),
+        ("/usr", "touch /usr/wk-e2e-probe"),
+        ("/sys", "echo 1 >/sys/kernel/mm/ksm/run"),
+    ] {
+        let o = sm.run("sh", ["-c", cmd]);
+        ensure!(!o.status.success(), "{what} is writable inside the namespace");
+    }
 
     // Not root: refused, nothing written.
     sm.run_ok(
@@ -239,6 +270,8 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
 
     // status: healthy, with the worker's heartbeat found, fresh and from its MainPID.
     let status = wait_healthy(&sm, &bin)?;
+    // Still the first start: no restart hid behind the fallback.
+    ensure!(sm.show(WORKER, &["NRestarts"])?["NRestarts"] == "0");
     let w = service(&status, WORKER)?;
     ensure!(
         w["heartbeat"]["found"] == true
@@ -518,9 +551,13 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     ] {
         ensure!(!Path::new(p).exists(), "{p} appeared on the host");
     }
-    ensure!(
-        host_has_user() == host_user_before,
-        "the host's user database changed"
-    );
+    for ((what, before), (_, after)) in host_before.iter().zip(host_snapshot()?) {
+        ensure!(
+            *before == after,
+            "the host's {what} changed: {:?} -> {:?}",
+            String::from_utf8_lossy(before),
+            String::from_utf8_lossy(&after)
+        );
+    }
     Ok(())
 }

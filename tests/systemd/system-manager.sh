@@ -16,20 +16,27 @@
 #     overlays inside the namespace, their upper layers on a tmpfs that vanishes with it:
 #     `useradd`/systemd-sysusers, unit files, state directories, binaries installed below
 #     /usr/local all land there;
-#   * /run, /tmp, /var/tmp and /dev are fresh tmpfs; /sys is a fresh sysfs with cgroup2 on
-#     /sys/fs/cgroup (the cgroup namespace's root is the manager's own cgroup);
+#   * everything else of the root file system is read-only inside (a per-mount flag: the
+#     host's mount is untouched); /run, /tmp, /var/tmp and /dev are fresh tmpfs;
+#   * the kernel's settings stay the host's: /sys is a fresh sysfs mounted read-only (with
+#     cgroup2 on /sys/fs/cgroup, whose root is the manager's own cgroup), /proc/sys is
+#     read-only but for this network namespace's /proc/sys/net, and systemd runs without
+#     CAP_SYS_MODULE, CAP_SYS_TIME, CAP_SYS_RAWIO, CAP_SYSLOG and CAP_WAKE_ALARM (PID 1 would
+#     otherwise raise fs.file-max and load kernel modules for the whole machine);
 #   * the manager starts wk-e2e.target (DefaultDependencies=no), which pulls in only
 #     journald and D-Bus. Every unit the tests start gets a runtime drop-in
 #     (/run/systemd/system/UNIT.d/wk-e2e.conf) with DefaultDependencies=no, so that
 #     sysinit.target and basic.target (tmpfiles --boot --remove, sysctl, udev, remount-fs, all
 #     meant for a real boot of this machine) are never pulled in; as a second guard those
-#     units are masked (/run/systemd/system.control/UNIT -> /dev/null).
+#     units, and the shutdown targets, are masked (/run/systemd/system.control/UNIT -> /dev/null).
 # Never poweroff/halt inside: systemd-shutdown would remount the (shared) root read-only.
+# unshare runs with --kill-child: when it dies, the namespace's PID 1 and all in it die too.
 #
 # STATEDIR files: init.pid ("PID STARTTIME", the namespace's PID 1 seen from the host),
 # unshare.pid, cgroup, console (the manager's console), init.log, reaper.log, stopped.
-# Knobs: WK_E2E_START_TIMEOUT (30 s); WK_E2E_OWNER_PID: stop the manager when that process
-# dies without stopping it (the Rust harness sets it to the test process).
+# Knobs: WK_E2E_START_TIMEOUT (30 s); WK_E2E_RUN_TIMEOUT (120 s, for each `run`);
+# WK_E2E_OWNER_PID: stop the manager when that process dies without stopping it, also during
+# the start (the Rust harness sets it to the test process).
 set -euo pipefail
 
 PROG=${0##*/}
@@ -39,7 +46,7 @@ SYSTEMD_BIN=/usr/lib/systemd/systemd
 REQUIRED_PKGS=(systemd util-linux mount passwd dbus)
 LOCK_DIR=/run/lock/wk-e2e
 PATH_IN_NS=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin
-OVERLAID=(/etc /usr/local /var/lib /var/cache /var/log /var/spool /root /home)
+OVERLAID=(/etc /usr/local /var/lib /var/cache /var/log /var/spool /var/mail /root /home)
 # The units the tests start (each gets DefaultDependencies=no), besides journald and D-Bus.
 TEST_UNITS=(watchkeeper-daemon.socket watchkeeper-daemon.service watchkeeper-worker.service
     watchkeeper-worker@.service watchkeeper-metrics.service watchkeeper-metrics.timer
@@ -57,7 +64,11 @@ MASKED=(sysinit.target basic.target local-fs.target local-fs-pre.target swap.tar
     systemd-fsck-root.service systemd-timesyncd.service systemd-logind.service
     kmod-static-nodes.service ldconfig.service apt-daily.timer apt-daily-upgrade.timer
     e2scrub_all.timer fstrim.timer logrotate.timer man-db.timer dpkg-db-backup.timer
-    cron.service getty.target console-getty.service serial-getty@.service getty@.service)
+    cron.service getty.target console-getty.service serial-getty@.service getty@.service
+    poweroff.target halt.target reboot.target kexec.target ctrl-alt-del.target
+    systemd-poweroff.service systemd-halt.service systemd-reboot.service systemd-kexec.service)
+# Capabilities systemd and its units never get inside: they act on the whole machine.
+DROPPED_CAPS=-sys_module,-sys_time,-sys_rawio,-syslog,-wake_alarm
 
 log() { echo "$PROG: $*" >&2; }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
@@ -104,19 +115,35 @@ ensure_packages() {
     exec {fd}>>"$LOCK_DIR/setup.lock"
     flock -w 900 "$fd" || die "timed out waiting for $LOCK_DIR/setup.lock"
     log "installing missing packages: ${missing[*]}"
-    apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+    # No service of the packages may start on the host (dbus's postinst would start a system
+    # bus): a policy-rc.d that refuses, for the time of the install, unless one is there.
+    local policy=/usr/sbin/policy-rc.d own_policy=
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# system-manager.sh: no service starts while it installs packages\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        own_policy=1
+    fi
+    local rc=0
+    { apt-get update -qq >&2 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >&2; } || rc=$?
+    [[ -n $own_policy ]] && rm -f "$policy"
     exec {fd}>&-
+    ((rc == 0)) || die "apt-get install ${missing[*]} failed"
 }
 
 # --- inside: PID 1 of the new namespaces, as root, before exec'ing systemd ---
 cmd_init() {
     local sd=$1
     export LIBMOUNT_UTAB=/run/wk-e2e-utab
-    # A fresh sysfs (this network namespace's) with the cgroup namespace's cgroup2 on it.
-    mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+    # A fresh sysfs (this network namespace's), read-only, with the cgroup namespace's cgroup2
+    # on it; /proc/sys read-only but for this network namespace's part.
+    mount -t sysfs -o ro,nosuid,nodev,noexec sysfs /sys
     mount -t cgroup2 -o nosuid,nodev,noexec,nsdelegate cgroup2 /sys/fs/cgroup
+    mount --bind /proc/sys /proc/sys
+    mount -o remount,bind,ro,nosuid,nodev,noexec /proc/sys
+    mount --bind /proc/sys/net /proc/sys/net
+    mount -o remount,bind,rw,nosuid,nodev,noexec /proc/sys/net
     # /dev: the basic nodes, devpts, shm, and a console that is a file.
     mount -t tmpfs -o mode=0755,nosuid,size=4m tmpfs /dev
     mknod -m 0666 /dev/null c 1 3
@@ -180,8 +207,12 @@ EOF
     # private step of unshare), as on a booted system: systemd sets up a unit's credentials in
     # a child mount namespace and moves them to /run/credentials/UNIT, which reaches PID 1's
     # namespace only through a shared /run. In a container systemd leaves / as it finds it.
+    # The rest of the root file system read-only (this mount only; the overlays, tmpfs and
+    # binds above stay as they are).
+    mount -o remount,bind,ro /
     mount --make-rshared /
-    exec env -i container=wk-e2e-system PATH="$PATH_IN_NS" LANG=C.UTF-8 \
+    exec setpriv --bounding-set="$DROPPED_CAPS" --inh-caps="$DROPPED_CAPS" -- \
+        env -i container=wk-e2e-system PATH="$PATH_IN_NS" LANG=C.UTF-8 \
         "$SYSTEMD_BIN" --system --unit=wk-e2e.target --log-level=info --log-target=console \
         --show-status=no
 }
@@ -211,11 +242,21 @@ cmd_start() {
     # From its own cgroup, so that it is the cgroup namespace's root.
     (
         echo "$BASHPID" >"$cg/cgroup.procs"
-        exec setsid unshare --pid --fork --mount-proc --mount --uts --ipc --net --cgroup \
-            --propagation private -- bash "$SELF" _init "$sd"
+        exec setsid unshare --pid --fork --kill-child --mount-proc --mount --uts --ipc --net \
+            --cgroup --propagation private -- bash "$SELF" _init "$sd"
     ) </dev/null >>"$sd/init.log" 2>&1 &
-    local upid=$!
-    echo "$upid $(proc_start "$upid")" >"$sd/unshare.pid"
+    local upid=$! ustart
+    ustart=$(proc_start "$upid" || echo gone)
+    echo "$upid $ustart" >"$sd/unshare.pid"
+    # Optional owner (the test process): if it dies without stopping the manager (SIGKILL,
+    # Ctrl-C, abort), even now during the start, a small reaper ends it. It is told what to
+    # end, so that it needs nothing of STATEDIR.
+    local owner=${WK_E2E_OWNER_PID:-} ostart
+    if [[ -n $owner ]]; then
+        ostart=$(proc_start "$owner" || echo gone)
+        setsid bash "$SELF" _reaper "$sd" "$owner" "$ostart" "$upid" "$ustart" "$cg" \
+            </dev/null >>"$sd/reaper.log" 2>&1 &
+    fi
     deadline=$(($(now_ms) + ${WK_E2E_START_TIMEOUT:-30} * 1000))
     local child=
     while :; do
@@ -248,12 +289,6 @@ cmd_start() {
         do_stop "$sd" >/dev/null 2>&1 || true
         exit 1
     fi
-    # Optional owner (the test process): if it dies without stopping the manager (SIGKILL,
-    # Ctrl-C, abort), a small reaper stops it.
-    local owner=${WK_E2E_OWNER_PID:-} ostart
-    if [[ -n $owner ]] && ostart=$(proc_start "$owner"); then
-        setsid bash "$SELF" _reaper "$sd" "$owner" "$ostart" </dev/null >>"$sd/reaper.log" 2>&1 &
-    fi
     log "system manager PID $(pid_of "$sd/init.pid") is $state after $(($(now_ms) - t0)) ms"
     echo ready
 }
@@ -270,42 +305,58 @@ cmd_run() {
     ns_cmd
     if [[ -n $as ]]; then
         exec "${NS_CMD[@]}" setpriv --reuid="$as" --regid="$as" --init-groups -- \
-            env -i PATH="$PATH_IN_NS" LANG=C.UTF-8 USER="$as" LOGNAME="$as" HOME=/ "$@"
+            env -i PATH="$PATH_IN_NS" LANG=C.UTF-8 USER="$as" LOGNAME="$as" HOME=/ \
+            timeout -k 5 "${WK_E2E_RUN_TIMEOUT:-120}" "$@"
     fi
-    exec "${NS_CMD[@]}" env -i PATH="$PATH_IN_NS" LANG=C.UTF-8 HOME=/root USER=root "$@"
+    exec "${NS_CMD[@]}" env -i PATH="$PATH_IN_NS" LANG=C.UTF-8 HOME=/root USER=root \
+        timeout -k 5 "${WK_E2E_RUN_TIMEOUT:-120}" "$@"
 }
 
 # --- stop: SIGKILL to the namespace's PID 1 ends every process in it ---
-do_stop() {
-    local sd=$1 t0 deadline cg=
-    t0=$(now_ms)
-    if alive "$sd/init.pid"; then kill -KILL "$(pid_of "$sd/init.pid")" 2>/dev/null || true; fi
+# end_namespace UNSHARE_PID UNSHARE_START INIT_PID INIT_START CGROUP: SIGKILL to the namespace's
+# PID 1 and to unshare (whose --kill-child ends PID 1 too), by PID and start time; then the
+# cgroup is removed. Empty or "gone" fields are skipped.
+end_namespace() {
+    local upid=$1 ustart=$2 ipid=$3 istart=$4 cg=$5 deadline
+    is() { [[ -n $1 && -n $2 && $2 != gone && "$(proc_start "$1" || true)" == "$2" ]]; }
+    is "$ipid" "$istart" && kill -KILL "$ipid" 2>/dev/null
+    is "$upid" "$ustart" && kill -KILL "$upid" 2>/dev/null
     deadline=$(($(now_ms) + 10000))
-    while alive "$sd/init.pid" || alive "$sd/unshare.pid"; do
+    while is "$ipid" "$istart" || is "$upid" "$ustart"; do
         (($(now_ms) < deadline)) || { log "warning: the namespace did not end in 10 s"; return 1; }
         sleep 0.02
     done
-    [[ -s $sd/cgroup ]] && cg=$(<"$sd/cgroup")
     if [[ -n $cg && -d $cg ]]; then
-        if [[ -n $(cgroup_pids "$cg") ]]; then
-            log "warning: processes left in $cg: $(cgroup_pids "$cg" | tr '\n' ' ')"
-            return 1
-        fi
+        deadline=$(($(now_ms) + 5000))
+        while [[ -n $(cgroup_pids "$cg") ]]; do
+            (($(now_ms) < deadline)) || { log "warning: processes left in $cg: $(cgroup_pids "$cg" | tr '\n' ' ')"; return 1; }
+            sleep 0.02
+        done
         find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
-        [[ -d $cg ]] && { log "warning: could not remove $cg"; return 1; }
+        [[ ! -d $cg ]] || { log "warning: could not remove $cg"; return 1; }
     fi
+}
+do_stop() {
+    local sd=$1 t0 upid= ustart= ipid= istart= cg=
+    t0=$(now_ms)
+    [[ -s $sd/unshare.pid ]] && read -r upid ustart <"$sd/unshare.pid"
+    [[ -s $sd/init.pid ]] && read -r ipid istart <"$sd/init.pid"
+    [[ -s $sd/cgroup ]] && cg=$(<"$sd/cgroup")
+    end_namespace "$upid" "$ustart" "$ipid" "$istart" "$cg" || return 1
     touch "$sd/stopped"
     log "stopped the system manager of $sd in $(($(now_ms) - t0)) ms"
 }
-cmd_reaper() { # STATEDIR OWNER_PID OWNER_STARTTIME
-    local sd=$1 owner=$2 ostart=$3
+cmd_reaper() { # STATEDIR OWNER_PID OWNER_START UNSHARE_PID UNSHARE_START CGROUP
+    local sd=$1 owner=$2 ostart=$3 upid=$4 ustart=$5 cg=$6
     while [[ ! -e $sd/stopped ]]; do
-        if [[ "$(proc_start "$owner" || true)" != "$ostart" ]]; then
-            log "owner PID $owner is gone without stopping the manager: stopping it"
-            do_stop "$sd" || true
+        if [[ $ostart == gone || "$(proc_start "$owner" || true)" != "$ostart" ]]; then
+            log "owner PID $owner is gone without stopping the manager: ending it"
+            end_namespace "$upid" "$ustart" "" "" "$cg" || true
+            touch "$sd/stopped" 2>/dev/null || true
             return 0
         fi
-        alive "$sd/init.pid" || { do_stop "$sd" || true; return 0; }
+        # Ended otherwise (stop, or a crash): nothing left to watch.
+        [[ "$(proc_start "$upid" || true)" == "$ustart" ]] || return 0
         sleep 0.5
     done
 }
@@ -327,8 +378,8 @@ cmd_check() {
     [[ -x $SYSTEMD_BIN ]] || command -v apt-get >/dev/null \
         || why+=("$SYSTEMD_BIN is missing and there is no apt-get to install systemd")
     [[ -n $(cgroup2_root) ]] || why+=("no cgroup2 hierarchy under /sys/fs/cgroup")
-    grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null \
-        || why+=("no overlay file system (needed to keep /etc and /var/lib of the host untouched)")
+    grep -qw overlay /proc/filesystems \
+        || why+=("no overlay file system (needed to keep /etc and /var/lib of the host untouched; modprobe overlay)")
     if [[ $EUID -eq 0 ]] && ! unshare --pid --fork --mount --cgroup --net --propagation private true 2>/dev/null; then
         why+=("cannot create pid/mount/cgroup/net namespaces")
     fi
