@@ -157,14 +157,27 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     ];
 
     // The harness itself: the machine's kernel settings and the root file system outside the
-    // overlays are out of reach from inside.
+    // overlays are out of reach from inside. (Each probe writes the value already there, so
+    // that a broken harness changes nothing either.)
     for (what, cmd) in [
-        ("fs.file-max", "echo 1000 >/proc/sys/fs/file-max"),
-        ("/usr", "touch /usr/wk-e2e-probe"),
-        ("/sys", "echo 1 >/sys/kernel/mm/ksm/run"),
+        (
+            "fs.file-max",
+            "v=$(cat /proc/sys/fs/file-max) && echo $v >/proc/sys/fs/file-max",
+        ),
+        (
+            "/sys",
+            "v=$(cat /sys/kernel/mm/ksm/run) && echo $v >/sys/kernel/mm/ksm/run",
+        ),
+        (
+            "/usr",
+            "test ! -e /usr/wk-e2e-probe && touch /usr/wk-e2e-probe && rm /usr/wk-e2e-probe",
+        ),
     ] {
         let o = sm.run("sh", ["-c", cmd]);
-        ensure!(!o.status.success(), "{what} is writable inside the namespace");
+        ensure!(
+            !o.status.success(),
+            "{what} is writable inside the namespace"
+        );
     }
 
     // Not root: refused, nothing written.
