@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use watchkeeper::heartbeat::{HealthStatus, check_heartbeat};
+use watchkeeper::heartbeat::{HealthStatus, HeartbeatError, check_heartbeat};
 
 /// What a heartbeat file says, judged against a maximum age.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -66,11 +66,55 @@ pub(crate) fn read(path: &Path, max_age: Duration) -> Facts {
         }
         Err(e) => Facts {
             found: path.exists(),
-            permission_denied: std::fs::File::open(path)
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
+            // From the error itself: opening the path again could block (a FIFO) or race.
+            permission_denied: matches!(&e, HeartbeatError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied),
             health_status: HealthStatus::Unknown.as_str().to_owned(),
-            error: Some(e.to_string()),
+            error: Some(with_sources(&e)),
             ..Facts::default()
         },
+    }
+}
+
+/// An error and its causes on one line (`heartbeat file X: open failed: Permission denied`).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FIFO at the heartbeat's path: an answer at once, not a wait for a writer.
+    #[test]
+    fn a_fifo_is_unreadable_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("heartbeat.json");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&path, Duration::from_secs(120)));
+        });
+        let facts = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("read blocked on the FIFO");
+        assert!(!facts.permission_denied);
+        let e = facts.error.expect("an error");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }
