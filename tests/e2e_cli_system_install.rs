@@ -434,7 +434,7 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     ensure!(
         o.code == 3
             && o.stdout.contains("not checked as uid ")
-            && o.stdout.contains("overall: healthy"),
+            && o.stdout.contains("overall: healthy (incomplete)"),
         "{}",
         o.stdout
     );

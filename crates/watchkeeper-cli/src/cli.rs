@@ -57,7 +57,8 @@ pub(crate) struct FactArgs {
 pub(crate) enum Command {
     /// Health of the daemon, its socket, the worker and every worker@ instance.
     ///
-    /// Exit code: 0 healthy, 1 degraded, 2 unhealthy, 3 could not ask the service manager.
+    /// Exit code: 0 healthy, 1 degraded, 2 unhealthy, 3 could not ask the service manager (or
+    /// could not read some facts, the rest healthy).
     Status(StatusArgs),
     /// One check for a liveness/readiness probe: a heartbeat file, or the daemon's socket.
     ///

@@ -5,7 +5,7 @@
 //! | 0 | healthy / success (`status`, `probe`, `doctor` without findings, operations that worked) |
 //! | 1 | degraded (`status`, `metrics` is never degraded) |
 //! | 2 | unhealthy (`status`), probe failed (`probe`) |
-//! | 3 | could not ask: no service manager, no socket, unreadable file |
+//! | 3 | could not ask: no service manager, no socket, unreadable file; `status` with facts the caller may not read, the rest healthy |
 //! | 4 | `doctor` found something (one line per finding on stdout) |
 //! | 5 | an operation failed (`install`, `uninstall`, `rollback`, `backup`, `restore`, `metrics --textfile`) |
 //! | 6 | refused: the operation would overwrite a local change or hit a running daemon (`--force`, or stop it) |

@@ -150,13 +150,13 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// The exit code: unhealthy wins, then "could not ask" when facts were unreadable, then
-    /// degraded or healthy.
+    /// The exit code: what is known to be wrong wins (unhealthy, then degraded); healthy as
+    /// far as could be seen, with facts unreadable, is "could not ask".
     pub(crate) fn exit_code(&self) -> u8 {
-        if self.overall_health == Health::Unhealthy || self.complete {
-            self.overall_health.exit_code()
-        } else {
+        if self.overall_health == Health::Healthy && !self.complete {
             exit::CANNOT_ASK
+        } else {
+            self.overall_health.exit_code()
         }
     }
 }
@@ -611,7 +611,12 @@ pub(crate) fn table(r: &Report, colour: bool) -> String {
             unchecked.join("; ")
         );
     }
-    let _ = writeln!(out, "overall: {}", paint(r.overall_health, colour));
+    let _ = writeln!(
+        out,
+        "overall: {}{}",
+        paint(r.overall_health, colour),
+        if r.complete { "" } else { " (incomplete)" }
+    );
     out
 }
 
@@ -791,11 +796,17 @@ mod tests {
             t.contains("not checked as uid 1003 (run as root to see everything): w: heartbeat x"),
             "{t}"
         );
-        assert!(t.ends_with("overall: healthy\n"), "{t}");
-        // Something known to be unhealthy still says so.
+        assert!(t.ends_with("overall: healthy (incomplete)\n"), "{t}");
+        // Something known to be wrong still says so.
         let mut failed = svc("v", "failed", "failed");
         classify(&mut failed, Duration::from_secs(120));
-        assert_eq!(report(vec![denied, failed]).exit_code(), exit::UNHEALTHY);
+        assert_eq!(
+            report(vec![denied.clone(), failed]).exit_code(),
+            exit::UNHEALTHY
+        );
+        let mut stale = with_hb(svc("v", "active", "running"), false, 42, "ok");
+        classify(&mut stale, Duration::from_secs(120));
+        assert_eq!(report(vec![denied, stale]).exit_code(), exit::DEGRADED);
         // Everything read: the health's own code.
         let mut ok = with_hb(svc("w", "active", "running"), true, 42, "ok");
         classify(&mut ok, Duration::from_secs(120));
