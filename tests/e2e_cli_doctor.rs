@@ -362,6 +362,12 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
             token.display()
         ),
     )?;
+    // The workers hand `token` to jobs: its file matters (github-token, loaded too, does not).
+    let worker_toml = support::wk::read_contrib("config/worker.toml")?;
+    wk.write_config(
+        "worker.toml",
+        &format!("{worker_toml}credentials = [\"token\"]\n"),
+    )?;
     wk.systemctl_ok(["start", SOCKET, DAEMON, ALPHA, BETA])?;
     wk.wait_for(ALPHA, "ActiveState", "active", DEADLINE)?;
     wk.wait_for(BETA, "ActiveState", "active", DEADLINE)?;
@@ -438,6 +444,25 @@ fn doctor_checks_the_credentials_the_units_load() -> Result<()> {
     clean(&wk, &bin)?;
     wk.systemctl_ok(["restart", ALPHA])?;
     wk.assert_running(ALPHA)?;
+    clean(&wk, &bin)?;
+
+    // worker.toml lists a credential no unit loads: the jobs asking for it would be denied.
+    wk.write_config(
+        "worker.toml",
+        &format!("{worker_toml}credentials = [\"token\", \"nowhere\"]\n"),
+    )?;
+    let (code, lines) = doctor(&wk, &bin, &[]);
+    ensure!(code == 4, "exit {code}: {lines:#?}");
+    has(
+        &lines,
+        "lists credential nowhere, but no worker unit loads it",
+        "add LoadCredential=nowhere:PATH to the worker units: systemctl --user edit",
+    )?;
+    ensure!(lines.len() == 1, "{lines:#?}");
+    wk.write_config(
+        "worker.toml",
+        &format!("{worker_toml}credentials = [\"token\"]\n"),
+    )?;
     clean(&wk, &bin)?;
 
     // Where /run/credentials is missing, the units that load credentials would not start.

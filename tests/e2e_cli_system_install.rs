@@ -268,15 +268,10 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
     // (SetCredential= is systemd's fallback for a LoadCredential= without a file).
     ensure!(!exists(&sm, "/etc/watchkeeper/credentials/github-token"));
     ensure!(sm.show(WORKER, &["NRestarts"])?["NRestarts"] == "0");
-    // doctor names the missing file, from the unit's own LoadCredential= line.
+    // Unused (worker.toml hands no credential to jobs), the missing file is no finding.
     let o = cli(&sm, None, &bin, &["doctor", "--system"]);
     ensure!(
-        o.code == 4
-            && o.stdout.lines().count() == 1
-            && o.stdout.starts_with(
-                "credential github-token of watchkeeper-worker.service is missing: \
-                 no /etc/watchkeeper/credentials/github-token: fix: "
-            ),
+        o.code == 0 && o.stdout.trim() == "no findings",
         "{}",
         o.stdout
     );
@@ -325,6 +320,27 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
 
     // The shipped LoadCredential= at work: with the credential's file in place and the worker
     // allowed to hand it out, a job gets it as a private file, and the journal never shows it.
+    // Once worker.toml hands it to jobs, doctor names the missing file, from the unit's own
+    // LoadCredential= line.
+    sm.run_ok(
+        "sh",
+        [
+            "-c",
+            "printf '%s\\n' 'allowlist = [\"echo\", \"sh\"]' 'credentials = [\"github-token\"]' \
+             >/etc/watchkeeper/worker.toml",
+        ],
+    )?;
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    ensure!(
+        o.code == 4
+            && o.stdout.lines().count() == 1
+            && o.stdout.starts_with(
+                "credential github-token of watchkeeper-worker.service is missing: \
+                 no /etc/watchkeeper/credentials/github-token: fix: "
+            ),
+        "{}",
+        o.stdout
+    );
     sm.run_ok(
         "install",
         ["-d", "-m", "0700", "/etc/watchkeeper/credentials"],
@@ -333,12 +349,7 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         "sh",
         [
             "-c",
-            &format!(
-                "umask 077 && echo {SECRET} >/etc/watchkeeper/credentials/github-token && \
-                 printf '%s\\n' 'allowlist = [\"echo\", \"sh\"]' \
-                 'credentials = [\"github-token\"]' >/etc/watchkeeper/worker.toml && \
-                 chmod 0644 /etc/watchkeeper/worker.toml"
-            ),
+            &format!("umask 077 && echo {SECRET} >/etc/watchkeeper/credentials/github-token"),
         ],
     )?;
     sm.systemctl_ok(["restart", WORKER])?;
@@ -404,6 +415,33 @@ fn system_install_status_doctor_uninstall() -> Result<()> {
         o.stdout
     );
     sm.run_ok("sh", ["-c", fix])?;
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    ensure!(o.code == 0, "{}", o.stdout);
+    // The workers' User= names no user: said so (a drop-in, reloaded, not restarted).
+    sm.run_ok(
+        "sh",
+        [
+            "-c",
+            "mkdir -p /etc/systemd/system/watchkeeper-worker.service.d && printf \
+             '[Service]\\nUser=wk-no-such-user\\n' \
+             >/etc/systemd/system/watchkeeper-worker.service.d/50-e2e.conf",
+        ],
+    )?;
+    sm.systemctl_ok(["daemon-reload"])?;
+    let o = cli(&sm, None, &bin, &["doctor", "--system"]);
+    ensure!(
+        o.code == 4
+            && o.stdout.lines().any(|l| l
+                == "the workers' user wk-no-such-user (their User=) does not exist: fix: \
+                    systemd-sysusers /etc/sysusers.d/watchkeeper.conf"),
+        "{}",
+        o.stdout
+    );
+    sm.run_ok(
+        "rm",
+        ["-r", "/etc/systemd/system/watchkeeper-worker.service.d"],
+    )?;
+    sm.systemctl_ok(["daemon-reload"])?;
     let o = cli(&sm, None, &bin, &["doctor", "--system"]);
     ensure!(o.code == 0, "{}", o.stdout);
 

@@ -6,8 +6,8 @@
 //! credential is denied with the reason.
 //!
 //! systemd 252's user manager sets up credentials under its mount namespacing only where
-//! `/run/credentials` exists: a booted system has it (PID 1 makes it for the first system unit
-//! with credentials, systemd-tmpfiles-setup.service at every boot); the harness makes it.
+//! `/run/credentials` exists: a booted system has it (systemd as PID 1 creates it whenever it
+//! starts); the harness makes it.
 
 mod support;
 

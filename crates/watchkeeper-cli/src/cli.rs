@@ -180,8 +180,8 @@ pub(crate) struct DoctorArgs {
     #[command(flatten)]
     pub(crate) facts: FactArgs,
     /// The worker's credential directory to check (files 0600, directory 0700), besides the
-    /// files the worker units load with `LoadCredential=` [default: the config directory's
-    /// `credentials/`].
+    /// files the worker units load with `LoadCredential=` for the credentials `worker.toml`
+    /// hands to jobs [default: the config directory's `credentials/`].
     #[arg(long)]
     pub(crate) credentials_dir: Option<PathBuf>,
     /// More credentials the workers need (each must exist in the credential directory).

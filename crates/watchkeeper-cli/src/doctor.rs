@@ -251,49 +251,67 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         .filter(|(_, p)| get(p, "LoadState") == "loaded")
         .map(|(u, _)| u.as_str())
         .collect();
-    match units_load_credentials(m, &workers) {
+    // The credentials the workers hand to jobs (worker.toml's `credentials`): a unit's
+    // credential file only matters for those, the rest are optional (the SetCredential=
+    // placeholder stands in). `None` when worker.toml does not parse (a finding of its own):
+    // then every file counts.
+    let worker_cfg = l.config_dir().join("worker.toml");
+    let wanted: Option<Vec<String>> = if worker_cfg.exists() {
+        watchkeeper_worker::config::Config::load(&worker_cfg)
+            .ok()
+            .map(|c| c.credentials)
+    } else {
+        Some(Vec::new())
+    };
+    let counts = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == name));
+    // Units whose credentials are known (from the bus), or else whose unit files set
+    // LoadCredential= at all.
+    let with_creds: Vec<String> = match units_load_credentials(m, &workers) {
         Ok(loaded) => {
-            // systemd 252 bind-mounts a unit's credentials below /run/credentials when the
-            // unit has a mount namespace (the workers' hardening does): a user manager cannot
-            // create that directory, and where it is missing the unit fails to start with
-            // 226/NAMESPACE. (A booted system has it once a system service had credentials.)
-            let mut with_creds: Vec<&str> = loaded.iter().map(|(u, _, _)| u.as_str()).collect();
-            with_creds.dedup();
-            if m.user && !with_creds.is_empty() && !Path::new(RUN_CREDENTIALS).is_dir() {
-                out.push(finding(
-                    format!(
-                        "{} load credentials but {RUN_CREDENTIALS} is missing: the user manager \
-                         then fails their start with 226/NAMESPACE",
-                        with_creds.join(", ")
-                    ),
-                    format!(
-                        "sudo install -d -m 0755 {RUN_CREDENTIALS} (at every boot: echo \
-                         'd {RUN_CREDENTIALS} 0755 root root -' | sudo tee \
-                         /etc/tmpfiles.d/watchkeeper-credentials.conf)"
-                    ),
-                ));
+            let mut with: Vec<String> = loaded.iter().map(|(u, _, _)| u.clone()).collect();
+            with.dedup();
+            if let Some(w) = &wanted
+                && !workers.is_empty()
+            {
+                for name in w
+                    .iter()
+                    .filter(|n| !loaded.iter().any(|(_, id, _)| id == *n))
+                {
+                    out.push(finding(
+                        format!(
+                            "{} lists credential {name}, but no worker unit loads it: jobs \
+                             asking for it are denied",
+                            worker_cfg.display()
+                        ),
+                        format!(
+                            "add LoadCredential={name}:PATH to the worker units: {}",
+                            m.cmd_line(&format!("edit {}", workers[0]))
+                        ),
+                    ));
+                }
             }
             for (unit, name, path) in loaded {
                 // A relative PATH names a credential of the manager itself (systemd.exec(5)):
                 // nothing on disk here to check, so it is left out.
                 let path = PathBuf::from(path);
-                if path.is_absolute() {
+                if path.is_absolute() && counts(&name) {
                     creds.require(path, &name, Some(&unit));
                 }
             }
+            with
         }
         Err(e) => {
-            // Without the bus, only whether the unit files set LoadCredential= at all (the
-            // shipped user units do not): then there is nothing to check and nothing to say.
-            let declared: Vec<&str> = workers
+            // Without the bus, only whether the unit files set LoadCredential= at all.
+            let declared: Vec<String> = workers
                 .iter()
-                .copied()
                 .filter(|u| {
                     m.run_ok(&["cat", "--no-pager", u])
                         .map_or(true, |text| declares_load_credential(&text))
                 })
+                .map(|u| (*u).to_owned())
                 .collect();
-            if !declared.is_empty() {
+            let matters = wanted.as_ref().is_none_or(|w| !w.is_empty());
+            if !declared.is_empty() && matters {
                 out.push(finding(
                     format!(
                         "cannot read LoadCredential= of {}: {e}",
@@ -310,7 +328,26 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
                     ),
                 ));
             }
+            declared
         }
+    };
+    // systemd 252 mounts a unit's credentials below /run/credentials when the unit has a mount
+    // namespace (the workers' hardening does): a user manager cannot create that directory,
+    // and where it is missing the unit fails to start with 226/NAMESPACE. PID 1 creates it
+    // whenever it starts (mount_setup()): only a machine whose PID 1 is not systemd lacks it.
+    if m.user && !with_creds.is_empty() && !Path::new(RUN_CREDENTIALS).is_dir() {
+        out.push(finding(
+            format!(
+                "{} load credentials but {RUN_CREDENTIALS} is missing: the user manager \
+                 then fails their start with 226/NAMESPACE",
+                with_creds.join(", ")
+            ),
+            format!(
+                "sudo install -d -m 0755 {RUN_CREDENTIALS} (at every boot: echo \
+                 'd {RUN_CREDENTIALS} 0755 root root -' | sudo tee \
+                 /etc/tmpfiles.d/watchkeeper-credentials.conf)"
+            ),
+        ));
     }
     // The manager reads the files: the user for a user install, root for a system install.
     let owner = if m.user {
@@ -343,8 +380,20 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
                 .map(|p| get(p, "User"))
                 .find(|u| !u.is_empty())
                 .and_then(|name| {
-                    let user = nix::unistd::User::from_name(name).ok().flatten()?;
-                    Some((name.to_owned(), user.uid.as_raw()))
+                    if let Ok(uid) = name.parse::<u32>() {
+                        return Some((name.to_owned(), uid));
+                    }
+                    match nix::unistd::User::from_name(name) {
+                        Ok(Some(user)) => Some((name.to_owned(), user.uid.as_raw())),
+                        Ok(None) => {
+                            out.push(finding(
+                                format!("the workers' user {name} (their User=) does not exist"),
+                                "systemd-sysusers /etc/sysusers.d/watchkeeper.conf".to_owned(),
+                            ));
+                            None
+                        }
+                        Err(_) => None,
+                    }
                 })
         };
         match worker_user {
@@ -413,7 +462,6 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
             ),
         ));
     }
-    let worker_cfg = l.config_dir().join("worker.toml");
     if worker_cfg.exists()
         && let Err(e) = watchkeeper_worker::config::Config::load(&worker_cfg)
     {
