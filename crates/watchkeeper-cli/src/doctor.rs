@@ -454,7 +454,11 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         && let Err(e) = watchkeeper_daemon::config::Config::load(&daemon_cfg)
     {
         out.push(finding(
-            format!("{} does not parse: {}", daemon_cfg.display(), one_line(&e)),
+            format!(
+                "{} does not parse: {}",
+                daemon_cfg.display(),
+                exit::one_line(&e)
+            ),
             format!(
                 "edit {}, then {}",
                 daemon_cfg.display(),
@@ -466,23 +470,15 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         && let Err(e) = watchkeeper_worker::config::Config::load(&worker_cfg)
     {
         out.push(finding(
-            format!("{} does not parse: {}", worker_cfg.display(), one_line(&e)),
+            format!(
+                "{} does not parse: {}",
+                worker_cfg.display(),
+                exit::one_line(&e)
+            ),
             format!("edit {}, then restart the workers", worker_cfg.display()),
         ));
     }
     Ok(out)
-}
-
-/// An error and its sources, on one line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The `LoadCredential=ID:PATH` pairs of `units`, as `(UNIT, ID, PATH)`, in order.

@@ -57,3 +57,16 @@ pub(crate) fn code_of(e: &anyhow::Error) -> u8 {
         .find_map(|c| c.downcast_ref::<Coded>())
         .map_or(FAILED, |c| c.code)
 }
+
+/// An error and its causes on one line (`heartbeat file X: open failed: Permission denied`),
+/// whitespace runs (a TOML error's line breaks) folded into one space.
+pub(crate) fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -70,22 +70,10 @@ pub(crate) fn read(path: &Path, max_age: Duration) -> Facts {
             permission_denied: matches!(&e, HeartbeatError::Io { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied),
             health_status: HealthStatus::Unknown.as_str().to_owned(),
-            error: Some(with_sources(&e)),
+            error: Some(crate::exit::one_line(&e)),
             ..Facts::default()
         },
     }
-}
-
-/// An error and its causes on one line (`heartbeat file X: open failed: Permission denied`).
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 #[cfg(test)]
