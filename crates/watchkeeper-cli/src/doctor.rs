@@ -256,12 +256,12 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
     // placeholder stands in). `None` when worker.toml does not parse (a finding of its own):
     // then every file counts.
     let worker_cfg = l.config_dir().join("worker.toml");
-    let wanted: Option<Vec<String>> = if worker_cfg.exists() {
-        watchkeeper_worker::config::Config::load(&worker_cfg)
-            .ok()
-            .map(|c| c.credentials)
-    } else {
-        Some(Vec::new())
+    let worker_config = worker_cfg
+        .exists()
+        .then(|| watchkeeper_worker::config::Config::load(&worker_cfg));
+    let wanted: Option<Vec<String>> = match &worker_config {
+        None => Some(Vec::new()),
+        Some(r) => r.as_ref().ok().map(|c| c.credentials.clone()),
     };
     let counts = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == name));
     // Units whose credentials are known (from the bus), or else whose unit files set
@@ -368,74 +368,7 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
         .heartbeat_dir
         .clone()
         .unwrap_or_else(|| l.worker_state_dir());
-    if hb_dir.exists() {
-        // A system install's workers write as their User=: judge by owner and mode, so that
-        // neither root (who may write anywhere) nor an operator (who may not) is the measure.
-        let worker_user = if m.user {
-            None
-        } else {
-            props
-                .iter()
-                .skip(2)
-                .map(|p| get(p, "User"))
-                .find(|u| !u.is_empty())
-                .and_then(|name| {
-                    if let Ok(uid) = name.parse::<u32>() {
-                        return Some((name.to_owned(), uid));
-                    }
-                    match nix::unistd::User::from_name(name) {
-                        Ok(Some(user)) => Some((name.to_owned(), user.uid.as_raw())),
-                        Ok(None) => {
-                            out.push(finding(
-                                format!("the workers' user {name} (their User=) does not exist"),
-                                "systemd-sysusers /etc/sysusers.d/watchkeeper.conf".to_owned(),
-                            ));
-                            None
-                        }
-                        Err(_) => None,
-                    }
-                })
-        };
-        match worker_user {
-            Some((name, uid)) => {
-                let md = std::fs::metadata(&hb_dir);
-                let ok = md
-                    .as_ref()
-                    .is_ok_and(|md| md.is_dir() && md.uid() == uid && md.mode() & 0o300 == 0o300);
-                if !ok {
-                    let what = md.map_or_else(
-                        |e| e.to_string(),
-                        |md| format!("owner uid {}, mode {:04o}", md.uid(), md.mode() & 0o7777),
-                    );
-                    out.push(finding(
-                        format!(
-                            "the heartbeat directory {} is not writable by {name}, the workers' \
-                             user ({what})",
-                            hb_dir.display()
-                        ),
-                        format!("chown {name}: {d} && chmod 0700 {d}", d = hb_dir.display()),
-                    ));
-                }
-            }
-            None => {
-                let writable = hb_dir.is_dir()
-                    && rustix::fs::access(
-                        &hb_dir,
-                        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
-                    )
-                    .is_ok();
-                if !writable {
-                    out.push(finding(
-                        format!(
-                            "the heartbeat directory {} is not writable",
-                            hb_dir.display()
-                        ),
-                        format!("chmod 0700 {}", hb_dir.display()),
-                    ));
-                }
-            }
-        }
-    }
+    check_heartbeat_dir(m, &props, &hb_dir, &mut out);
 
     // Linger, for a user installation.
     if m.user {
@@ -466,19 +399,89 @@ fn check(args: &DoctorArgs, m: Manager, l: &Layout) -> Result<Vec<Finding>> {
             ),
         ));
     }
-    if worker_cfg.exists()
-        && let Err(e) = watchkeeper_worker::config::Config::load(&worker_cfg)
-    {
+    if let Some(Err(e)) = &worker_config {
         out.push(finding(
             format!(
                 "{} does not parse: {}",
                 worker_cfg.display(),
-                exit::one_line(&e)
+                exit::one_line(e)
             ),
             format!("edit {}, then restart the workers", worker_cfg.display()),
         ));
     }
     Ok(out)
+}
+
+/// The heartbeat directory, when there, must be writable by whoever the workers run as. A
+/// system install's workers write as their `User=`: judged by owner and mode, so that neither
+/// root (who may write anywhere) nor an operator (who may not) is the measure. A user install's
+/// workers are the caller: its own access.
+fn check_heartbeat_dir(m: Manager, props: &[Props], hb_dir: &Path, out: &mut Vec<Finding>) {
+    if !hb_dir.exists() {
+        return;
+    }
+    let user = if m.user {
+        None
+    } else {
+        props
+            .iter()
+            .skip(2)
+            .map(|p| get(p, "User"))
+            .find(|u| !u.is_empty())
+    };
+    let uid = match user {
+        None => None,
+        Some(name) => match name.parse::<u32>() {
+            Ok(uid) => Some(uid),
+            Err(_) => match nix::unistd::User::from_name(name) {
+                Ok(Some(u)) => Some(u.uid.as_raw()),
+                Ok(None) => {
+                    out.push(finding(
+                        format!("the workers' user {name} (their User=) does not exist"),
+                        "systemd-sysusers /etc/sysusers.d/watchkeeper.conf",
+                    ));
+                    None
+                }
+                Err(_) => None,
+            },
+        },
+    };
+    if let (Some(name), Some(uid)) = (user, uid) {
+        let md = std::fs::metadata(hb_dir);
+        let ok = md
+            .as_ref()
+            .is_ok_and(|md| md.is_dir() && md.uid() == uid && md.mode() & 0o300 == 0o300);
+        if !ok {
+            let what = md.map_or_else(
+                |e| e.to_string(),
+                |md| format!("owner uid {}, mode {:04o}", md.uid(), md.mode() & 0o7777),
+            );
+            out.push(finding(
+                format!(
+                    "the heartbeat directory {} is not writable by {name}, the workers' user \
+                     ({what})",
+                    hb_dir.display()
+                ),
+                format!("chown {name}: {d} && chmod 0700 {d}", d = hb_dir.display()),
+            ));
+        }
+        return;
+    }
+    let writable = hb_dir.is_dir()
+        && rustix::fs::access(
+            hb_dir,
+            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+        )
+        .is_ok();
+    if !writable {
+        out.push(finding(
+            format!(
+                "the heartbeat directory {} is not writable",
+                hb_dir.display()
+            ),
+            format!("chmod 0700 {}", hb_dir.display()),
+        ));
+    }
 }
 
 /// The `LoadCredential=ID:PATH` pairs of `units`, as `(UNIT, ID, PATH)`, in order.
@@ -614,7 +617,8 @@ impl Credentials {
                 .filter_map(|p| p.parent())
                 .map(Path::to_owned),
         );
-        let mut files = BTreeSet::new();
+        // Each file stat'ed once, checked in path order.
+        let mut files = BTreeMap::new();
         for d in &dirs {
             let Ok(meta) = std::fs::metadata(d) else {
                 // Missing: the required files in it are reported as missing.
@@ -627,19 +631,20 @@ impl Credentials {
             if self.scanned.contains(d)
                 && let Ok(entries) = std::fs::read_dir(d)
             {
-                files.extend(
-                    entries
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file())),
-                );
+                files.extend(entries.flatten().filter_map(|e| {
+                    let p = e.path();
+                    let m = std::fs::metadata(&p)
+                        .ok()
+                        .filter(std::fs::Metadata::is_file)?;
+                    Some((p, m))
+                }));
             }
         }
         let mut missing = Vec::new();
         for (p, r) in &self.required {
             match std::fs::metadata(p) {
                 Ok(m) if m.is_file() => {
-                    files.insert(p.clone());
+                    files.insert(p.clone(), m);
                 }
                 // A directory (systemd loads each file in it) or a socket: not a file to check.
                 Ok(_) => {}
@@ -650,10 +655,8 @@ impl Credentials {
                 )),
             }
         }
-        for f in &files {
-            if let Ok(meta) = std::fs::metadata(f) {
-                check_mode_owner(f, &meta, owner, out);
-            }
+        for (f, meta) in &files {
+            check_mode_owner(f, meta, owner, out);
         }
         for (p, r) in missing {
             let names = r.names.iter().cloned().collect::<Vec<_>>().join(", ");

@@ -153,7 +153,7 @@ pub(crate) fn render(r: &Report) -> String {
         }
         if let Some(d) = &s.daemon {
             // Not known when the socket refused the collecting uid: no sample.
-            if d.answers.is_some() || s.unchecked.is_empty() {
+            if d.answers.is_some() || !d.denied {
                 daemon_up.add(String::new(), u8::from(d.answers == Some(true)));
             }
             if let Some(j) = &d.jobs {

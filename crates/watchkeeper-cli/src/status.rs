@@ -94,6 +94,10 @@ pub(crate) struct DaemonFacts {
     pub(crate) error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) jobs: Option<watchkeeper_jobs::Stats>,
+    /// The daemon refused this uid (by its socket's mode, or by its `allowed_uids`): the job
+    /// counts are unchecked (the service's `unchecked` says so in the JSON).
+    #[serde(skip)]
+    pub(crate) denied: bool,
 }
 
 /// Heartbeat facts plus the comparison with the unit.
@@ -290,6 +294,7 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
                 version: None,
                 error: None,
                 jobs: None,
+                denied: false,
             };
             if s.active_state == "active"
                 && let Some(sock) = &socket_path
@@ -304,7 +309,7 @@ pub(crate) fn collect(args: &FactArgs) -> Result<Report> {
                         // It refused us by its socket's mode (nothing known) or by its
                         // allowed_uids (then it answered): not the daemon's fault.
                         d.answers = answered.then_some(true);
-                        s.unchecked.push(format!("job counts: {message}"));
+                        d.denied = true;
                         d.error = Some(message);
                     }
                     Err(AskError::Failed(e)) => {
@@ -349,6 +354,7 @@ fn classify(s: &mut Service, max_age: Duration) {
         reasons.push(r);
     };
     let mut reasons = Vec::new();
+    let mut unchecked = Vec::new();
     if s.load_state != "loaded" {
         why(
             Health::Unhealthy,
@@ -384,8 +390,7 @@ fn classify(s: &mut Service, max_age: Duration) {
         if let Some(h) = &s.heartbeat {
             let f = &h.facts;
             if f.permission_denied {
-                s.unchecked
-                    .push(format!("heartbeat {}: permission denied", h.path));
+                unchecked.push(format!("heartbeat {}: permission denied", h.path));
             } else if let Some(e) = &f.error {
                 why(
                     Health::Degraded,
@@ -431,6 +436,11 @@ fn classify(s: &mut Service, max_age: Duration) {
             }
         }
         if let Some(d) = &s.daemon
+            && d.denied
+        {
+            unchecked.push(format!("job counts: {}", d.error.as_deref().unwrap_or("?")));
+        }
+        if let Some(d) = &s.daemon
             && d.answers == Some(false)
         {
             why(
@@ -452,6 +462,7 @@ fn classify(s: &mut Service, max_age: Duration) {
     }
     s.health = worst;
     s.reasons = reasons;
+    s.unchecked = unchecked;
 }
 
 /// Whether to colour: a terminal, and no `NO_COLOR` (<https://no-color.org>).
@@ -578,7 +589,7 @@ pub(crate) fn table(r: &Report, colour: bool) -> String {
                         j.quarantined
                     );
                 }
-                (_, None) if !s.unchecked.is_empty() => {
+                (_, None) if d.denied => {
                     let _ = writeln!(
                         out,
                         "daemon: {sock} not asked: {}",
