@@ -66,19 +66,10 @@ fn bin_dir(um: &UserManager, name: &str, extra: &[u8]) -> Result<PathBuf> {
 }
 
 fn wait_healthy(um: &UserManager, bin: &Path) -> Result<Value> {
-    let t0 = std::time::Instant::now();
-    loop {
+    support::wk::wait_status_healthy(DEADLINE, || {
         let o = cli(um, bin, &["status", "--json"]);
-        let v: Value = serde_json::from_str(o.stdout.trim()).with_context(|| o.stdout.clone())?;
-        if o.code == 0 && v["overall_health"] == "healthy" {
-            return Ok(v);
-        }
-        ensure!(
-            t0.elapsed() < DEADLINE,
-            "not healthy within {DEADLINE:?}: {v:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (o.code, o.stdout)
+    })
 }
 
 /// The directory of the worker's running executable.

@@ -74,19 +74,10 @@ fn exists(sm: &SystemManager, path: &str) -> bool {
 }
 
 fn wait_healthy(sm: &SystemManager, bin: &Path) -> Result<Value> {
-    let t0 = Instant::now();
-    loop {
+    support::wk::wait_status_healthy(DEADLINE, || {
         let o = cli(sm, None, bin, &["status", "--system", "--json"]);
-        let v: Value = serde_json::from_str(o.stdout.trim()).with_context(|| o.stdout.clone())?;
-        if o.code == 0 && v["overall_health"] == "healthy" {
-            return Ok(v);
-        }
-        ensure!(
-            t0.elapsed() < DEADLINE,
-            "not healthy within {DEADLINE:?}: {v:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (o.code, o.stdout)
+    })
 }
 
 fn service<'a>(status: &'a Value, unit: &str) -> Result<&'a Value> {

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 
+use super::user_manager::{checked, join, parse_show};
+
 /// The harness script.
 pub const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -130,21 +132,8 @@ impl SystemManager {
     {
         let args: Vec<std::ffi::OsString> =
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-        let o = self.run(cmd.as_ref(), &args);
-        if !o.status.success() {
-            bail!(
-                "`{} {}` failed ({}):\nstdout: {}\nstderr: {}",
-                cmd.as_ref().to_string_lossy(),
-                args.iter()
-                    .map(|a| a.to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                o.status,
-                String::from_utf8_lossy(&o.stdout).trim(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        let what = format!("{} {}", cmd.as_ref().to_string_lossy(), join(&args));
+        checked(&self.run(cmd.as_ref(), &args), &what)
     }
 
     /// `systemctl ARGS` inside, as root; its stdout, or an error.
@@ -162,12 +151,7 @@ impl SystemManager {
         for p in props {
             args.push(format!("--property={p}"));
         }
-        let out = self.systemctl_ok(&args)?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect())
+        Ok(parse_show(&self.systemctl_ok(&args)?))
     }
 
     /// Waits until `prop` of `unit` is `value`; on timeout, an error with the unit's state

@@ -616,12 +616,7 @@ impl UserManager {
             args.push((*p).to_owned());
         }
         args.push(unit.to_owned());
-        let stdout = self.systemctl_ok(&args)?;
-        Ok(stdout
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect())
+        Ok(parse_show(&self.systemctl_ok(&args)?))
     }
 
     /// Polls `show` every 50 ms until `prop` of `unit` equals `value`, or fails after
@@ -816,7 +811,17 @@ fn new_state_dir(base: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn checked(out: &Output, what: &str) -> Result<String> {
+/// `systemctl show` output (`KEY=VALUE` lines) as a map.
+pub fn parse_show(stdout: &str) -> HashMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// `out`'s stdout when it succeeded, else an error naming `what` with both outputs.
+pub fn checked(out: &Output, what: &str) -> Result<String> {
     if !out.status.success() {
         bail!(
             "`{what}` failed ({}):\nstdout: {}\nstderr: {}",
@@ -828,7 +833,8 @@ fn checked(out: &Output, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn join(args: &[std::ffi::OsString]) -> String {
+/// Arguments as one line, for messages.
+pub fn join(args: &[std::ffi::OsString]) -> String {
     args.iter()
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()

@@ -501,3 +501,26 @@ pub fn read_contrib(rel: &str) -> Result<String> {
     let path = Path::new(ROOT).join("contrib").join(rel);
     fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
+
+/// Runs `status_json` (one `watchkeeper status --json`: its exit code and stdout) every 200 ms
+/// until it exits 0 with `overall_health` healthy; the report, or an error with the last one
+/// after `deadline`.
+pub fn wait_status_healthy(
+    deadline: Duration,
+    mut status_json: impl FnMut() -> (i32, String),
+) -> Result<serde_json::Value> {
+    let t0 = Instant::now();
+    loop {
+        let (code, stdout) = status_json();
+        let v: serde_json::Value =
+            serde_json::from_str(stdout.trim()).with_context(|| stdout.clone())?;
+        if code == 0 && v["overall_health"] == "healthy" {
+            return Ok(v);
+        }
+        ensure!(
+            t0.elapsed() < deadline,
+            "not healthy within {deadline:?}: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
