@@ -2082,10 +2082,13 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_calls_commit_together_and_a_refused_one_changes_nothing() {
-        let (_d, s) = open();
-        let shared = SharedStore::new(s);
+    /// A call that holds the store until the returned sender sends; returns once it holds it.
+    fn hold(
+        shared: &SharedStore,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let blocker = {
@@ -2100,7 +2103,26 @@ mod tests {
                     .await
             })
         };
-        started.recv_timeout(Duration::from_secs(10)).unwrap();
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the blocking call never started");
+        (release, blocker)
+    }
+
+    /// Waits (10 s at most) until `n` calls are pending.
+    async fn wait_pending(shared: &SharedStore, n: usize, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shared.pending() < n {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_commit_together_and_a_refused_one_changes_nothing() {
+        let (_d, s) = open();
+        let shared = SharedStore::new(s);
+        let (release, blocker) = hold(&shared);
         let commits_before = shared.commits();
         // 50 submits and a refused report queue up behind the blocker: one batch.
         let mut calls = Vec::new();
@@ -2120,11 +2142,7 @@ mod tests {
                     .await
             })
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while shared.pending() < 52 {
-            assert!(tokio::time::Instant::now() < deadline, "calls never queued");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_pending(&shared, 52, "calls never queued").await;
         release.send(()).unwrap();
         blocker.await.unwrap().unwrap();
         let mut ids = Vec::new();
@@ -2172,36 +2190,13 @@ mod tests {
     async fn shared_store_runs_calls_one_at_a_time_and_counts_them() {
         let (_d, s) = open();
         let shared = SharedStore::new(s);
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                shared
-                    .call("block", move |_| {
-                        let _ = started_tx.send(());
-                        let _ = wait.recv();
-                        Ok(())
-                    })
-                    .await
-            })
-        };
         // The blocker holds the store before the submit is issued.
-        started
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the blocking call never started");
+        let (release, blocker) = hold(&shared);
         let submit = {
             let shared = shared.clone();
             tokio::spawn(async move { shared.call("submit", |s| s.submit(&json!("x"), T0)).await })
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while shared.pending() < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "calls never started"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_pending(&shared, 2, "calls never started").await;
         assert!(!submit.is_finished());
         release.send(()).unwrap();
         blocker.await.unwrap().unwrap();
