@@ -43,10 +43,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::env::SystemdEnv;
 use crate::lifecycle::{Lifecycle, LifecycleError, State};
-use crate::notify::{Delivery, Notifier, NotifyError};
+use crate::notify::Delivery;
 use crate::service::{
     DEFAULT_EXTEND_INTERVAL, DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT, ServiceError,
-    SignalDefaults, SignalDefaultsGuard, StopReport, TaskFailure, TaskOutput,
+    SignalDefaults, SignalDefaultsGuard, StopReport, TaskFailure, TaskOutput, keeper,
+    notifier_from_env,
 };
 use crate::watchdog::{Names, Progress, Watchdog};
 
@@ -117,14 +118,7 @@ impl BlockingServiceBuilder {
             .map_err(ServiceError::Runtime)?;
         let _enter = rt.enter();
         let env = self.env.unwrap_or_else(SystemdEnv::from_env);
-        let notifier = match Notifier::from_env(&env) {
-            Err(NotifyError::Unsupported { addr }) => {
-                tracing::warn!(notify_socket = %addr, "NOTIFY_SOCKET address family not supported; running unsupervised");
-                Notifier::disabled()
-            }
-            other => other?,
-        };
-        let notifier = Arc::new(notifier);
+        let notifier = notifier_from_env(&env)?;
         let watchdog = Watchdog::new(env.watchdog(std::process::id())?);
         let lifecycle =
             Lifecycle::with_bounds(notifier.clone(), self.start_timeout, self.stop_timeout);
@@ -143,22 +137,7 @@ impl BlockingServiceBuilder {
             failure: Mutex::new(None),
             on_task_failure: self.on_task_failure,
         });
-        let lc = lifecycle.clone();
-        rt.spawn(watchdog.clone().keep(
-            lifecycle.subscribe(),
-            move |msgs| {
-                notifier.notify(msgs).map(drop).inspect_err(|e| {
-                    if !matches!(e, NotifyError::QueueFull { .. }) {
-                        notifier.log_failure("WATCHDOG", e);
-                    }
-                })
-            },
-            move |stalled| {
-                let stall =
-                    stalled.map(|names| format!("stalled: no progress in {}", Names(names)));
-                let _ = lc.set_stall(stall);
-            },
-        ));
+        rt.spawn(keeper(&watchdog, &lifecycle, notifier));
         let signals = if self.signals {
             match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
                 Ok(mut signals) => {

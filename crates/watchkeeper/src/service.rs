@@ -162,6 +162,44 @@ impl<E: Display + Send + 'static> TaskOutput for Result<(), E> {
     }
 }
 
+/// The notifier of `env`; an address family this crate cannot reach (e.g. `vsock:`) runs
+/// unsupervised, with a warning.
+pub(crate) fn notifier_from_env(env: &SystemdEnv) -> Result<Arc<Notifier>, ServiceError> {
+    let notifier = match Notifier::from_env(env) {
+        Err(NotifyError::Unsupported { addr }) => {
+            tracing::warn!(notify_socket = %addr, "NOTIFY_SOCKET address family not supported; running unsupervised");
+            Notifier::disabled()
+        }
+        other => other?,
+    };
+    Ok(Arc::new(notifier))
+}
+
+/// The watchdog keeper of a service: pings through `notifier` as the lifecycle allows, and
+/// puts a stalled loop's name into `STATUS=`.
+pub(crate) fn keeper(
+    watchdog: &Watchdog,
+    lifecycle: &Lifecycle,
+    notifier: Arc<Notifier>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let lc = lifecycle.clone();
+    watchdog.clone().keep(
+        lifecycle.subscribe(),
+        move |msgs| {
+            notifier.notify(msgs).map(drop).inspect_err(|e| {
+                if !matches!(e, NotifyError::QueueFull { .. }) {
+                    notifier.log_failure("WATCHDOG", e);
+                }
+            })
+        },
+        move |stalled| {
+            let stall = stalled.map(|names| format!("stalled: no progress in {}", Names(names)));
+            // Never waits; failures are logged by the lifecycle.
+            let _ = lc.set_stall(stall);
+        },
+    )
+}
+
 /// Builds a [`Service`]. Every setting has a default.
 #[derive(Debug)]
 #[must_use]
@@ -226,14 +264,7 @@ impl ServiceBuilder {
     pub fn build(self) -> Result<Service, ServiceError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| ServiceError::NoRuntime)?;
         let env = self.env.unwrap_or_else(SystemdEnv::from_env);
-        let notifier = match Notifier::from_env(&env) {
-            Err(NotifyError::Unsupported { addr }) => {
-                tracing::warn!(notify_socket = %addr, "NOTIFY_SOCKET address family not supported; running unsupervised");
-                Notifier::disabled()
-            }
-            other => other?,
-        };
-        let notifier = Arc::new(notifier);
+        let notifier = notifier_from_env(&env)?;
         let shutdown = CancellationToken::new();
         let watchdog = Watchdog::with_shutdown(env.watchdog(std::process::id())?, shutdown.clone());
         let lifecycle =
@@ -254,26 +285,7 @@ impl ServiceBuilder {
             on_task_failure: self.on_task_failure,
         };
 
-        let keeper = {
-            let notifier = notifier.clone();
-            let lc = lifecycle.clone();
-            rt.spawn(watchdog.clone().keep(
-                lifecycle.subscribe(),
-                move |msgs| {
-                    notifier.notify(msgs).map(drop).inspect_err(|e| {
-                        if !matches!(e, NotifyError::QueueFull { .. }) {
-                            notifier.log_failure("WATCHDOG", e);
-                        }
-                    })
-                },
-                move |stalled| {
-                    let stall =
-                        stalled.map(|names| format!("stalled: no progress in {}", Names(names)));
-                    // Never waits; failures are logged by the lifecycle.
-                    let _ = lc.set_stall(stall);
-                },
-            ))
-        };
+        let keeper = rt.spawn(keeper(&watchdog, &lifecycle, notifier.clone()));
 
         let signals = if self.signals {
             match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
