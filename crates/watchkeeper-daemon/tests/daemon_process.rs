@@ -484,19 +484,20 @@ fn a_wedged_database_withholds_the_watchdog_pings() {
     assert!(status.success(), "{status}\n{log}");
 }
 
-#[test]
-fn socket_activation_takes_the_fd_named_daemon() {
-    let dirs = Dirs::new();
-    dirs.write_config("");
-    let path = dirs.dir.path().join("activated.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let manager = FakeManager::start().unwrap();
-    // LISTEN_PID must be the daemon's pid: the shell sets it to its own, then execs.
-    let mut cmd = Daemon::command(&manager, "sh", None);
+/// The daemon as systemd starts it socket-activated: `listener` as fd 3, named `daemon`,
+/// `LISTEN_PID` its own pid (the shell sets it to its own, then execs), plus `extra` args.
+fn activated_command(
+    manager: &FakeManager,
+    dirs: &Dirs,
+    listener: &std::os::unix::net::UnixListener,
+    extra: &[&OsStr],
+) -> Command {
+    let mut cmd = Daemon::command(manager, "sh", None);
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
         .arg(EXE)
         .args([OsStr::new("--state-dir"), dirs.state().as_os_str()])
+        .args(extra)
         .env("LISTEN_FDS", "1")
         .env("LISTEN_FDNAMES", "daemon");
     let src = listener.as_raw_fd();
@@ -514,6 +515,18 @@ fn socket_activation_takes_the_fd_named_daemon() {
     unsafe {
         cmd.pre_exec(setup_fd3);
     }
+    cmd
+}
+
+#[test]
+fn socket_activation_takes_the_fd_named_daemon() {
+    let dirs = Dirs::new();
+    dirs.write_config("");
+    let path = dirs.dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let manager = FakeManager::start().unwrap();
+    // LISTEN_PID must be the daemon's pid: the shell sets it to its own, then execs.
+    let cmd = activated_command(&manager, &dirs, &listener, &[]);
     let daemon = Daemon::spawn(cmd, &dirs);
     drop(listener);
     manager
@@ -705,29 +718,12 @@ fn socket_activated_with_a_broken_config_it_stays_up_answering_the_error_then_ex
     // A connection already queued, as the one that triggered the start.
     let queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
     let manager = FakeManager::start().unwrap();
-    let mut cmd = Daemon::command(&manager, "sh", None);
-    cmd.arg("-c")
-        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
-        .arg(EXE)
-        .args([OsStr::new("--state-dir"), dirs.state().as_os_str()])
-        .args([OsStr::new("--config"), dirs.config().as_os_str()])
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "daemon");
-    let src = listener.as_raw_fd();
-    let setup_fd3 = move || {
-        // SAFETY: `src` is the test's listener, open in the forked child until exec.
-        let src = unsafe { BorrowedFd::borrow_raw(src) };
-        // SAFETY: fd 3 is replaced by dup2 and never closed through this handle.
-        let mut three = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(3) });
-        rustix::io::dup2(src, &mut three)?;
-        rustix::io::fcntl_setfd(three.as_fd(), FdFlags::empty())?;
-        Ok(())
-    };
-    // SAFETY: the closure only makes async-signal-safe system calls (dup2, fcntl) between fork
-    // and exec, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(setup_fd3);
-    }
+    let cmd = activated_command(
+        &manager,
+        &dirs,
+        &listener,
+        &[OsStr::new("--config"), dirs.config().as_os_str()],
+    );
     let daemon = Daemon::spawn(cmd, &dirs);
     drop(listener);
     let ready = manager
